@@ -1,0 +1,453 @@
+"""Which local uid owns the client end of an accepted connection — asked of the kernel.
+
+App identity is never taken from what a client says. For a connection accepted on
+
+* an ``AF_UNIX`` socket, :func:`peer_uid_unix` reads ``SO_PEERCRED`` (the credentials the kernel
+  recorded when the client called ``connect()``);
+* a loopback TCP socket, :class:`TcpOwnerLookup` asks ``NETLINK_SOCK_DIAG`` for the one socket
+  whose 4-tuple is the *client's* end of the connection and reads its owner uid. It sends an
+  exact-id request (not a dump), so the kernel does one hash lookup: the cost does not grow with
+  the number of open sockets. :class:`ProcNetTcpLookup` does the same by scanning
+  ``/proc/net/tcp{,6}`` and is only a fallback for kernels without ``inet_diag`` (its cost grows
+  with the number of sockets). :func:`make_tcp_owner_lookup` picks one at start-up.
+
+Both TCP lookups see the sockets of one **network namespace** only: the netlink socket (and
+``/proc/net``) belong to the netns of the thread that creates or reads them. Create the lookup in
+the same netns as the listener; the caller is responsible for that.
+
+A peer on another host has no local socket: the lookup finds nothing and returns ``None``. The
+kernel's exact lookup falls back to *listening* sockets when no connected socket matches (it is
+the receive-path lookup), and reports ``TIME_WAIT`` sockets with uid 0; neither is the client, so
+every reply is checked to be the very 4-tuple asked for, in a state that still has an owner, before
+its uid is believed.
+
+The uid reported is the one the socket was created with (``sk_uid``: the creator's fsuid), even if
+the descriptor was later passed to another process. A client socket bound to a device
+(``SO_BINDTODEVICE``) is not found (``idiag_if`` is 0), which fails closed.
+
+Kernel structures used (native byte order unless marked big-endian)::
+
+    linux/netlink.h
+      struct nlmsghdr {            /* 16 bytes, "=IHHII" */
+          __u32 nlmsg_len;         /* header + payload */
+          __u16 nlmsg_type;        /* SOCK_DIAG_BY_FAMILY, NLMSG_ERROR (2), NLMSG_DONE (3) */
+          __u16 nlmsg_flags;       /* NLM_F_REQUEST (1) */
+          __u32 nlmsg_seq;
+          __u32 nlmsg_pid;         /* 0 = kernel */
+      };
+      struct nlmsgerr {            /* payload of NLMSG_ERROR */
+          int error;               /* negative errno, 0 = ack */
+          struct nlmsghdr msg;     /* the request that failed */
+      };
+
+    linux/sock_diag.h
+      #define SOCK_DIAG_BY_FAMILY 20
+
+    linux/inet_diag.h
+      struct inet_diag_sockid {    /* 48 bytes */
+          __be16 idiag_sport;      /* big-endian */
+          __be16 idiag_dport;      /* big-endian */
+          __be32 idiag_src[4];     /* IPv4: src[0], rest zero; IPv6: all 16 bytes */
+          __be32 idiag_dst[4];
+          __u32  idiag_if;
+          __u32  idiag_cookie[2];  /* INET_DIAG_NOCOOKIE = {~0U, ~0U}: do not check */
+      };
+      struct inet_diag_req_v2 {    /* 56 bytes */
+          __u8  sdiag_family;      /* AF_INET / AF_INET6 */
+          __u8  sdiag_protocol;    /* IPPROTO_TCP */
+          __u8  idiag_ext;         /* no extensions requested */
+          __u8  pad;
+          __u32 idiag_states;      /* bit mask of TCP states; all */
+          struct inet_diag_sockid id;
+      };
+      struct inet_diag_msg {       /* 72 bytes, followed by attributes we ignore */
+          __u8  idiag_family;
+          __u8  idiag_state;
+          __u8  idiag_timer;
+          __u8  idiag_retrans;
+          struct inet_diag_sockid id;
+          __u32 idiag_expires;
+          __u32 idiag_rqueue;
+          __u32 idiag_wqueue;
+          __u32 idiag_uid;
+          __u32 idiag_inode;
+      };
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+import struct
+import sys
+from dataclasses import dataclass
+from typing import Final, NamedTuple
+
+__all__ = [
+    "ProcNetTcpLookup",
+    "SockAddr",
+    "SocketOwner",
+    "TcpOwnerLookup",
+    "make_tcp_owner_lookup",
+    "peer_uid_unix",
+]
+
+log = logging.getLogger(__name__)
+
+SockAddr = tuple[str, int] | tuple[str, int, int, int]
+"""An address as ``getpeername()``/``getsockname()`` return it; only host and port are read."""
+
+# --- SO_PEERCRED --------------------------------------------------------------------------------
+
+_UCRED: Final = struct.Struct("=iII")  # struct ucred { pid_t pid; uid_t uid; gid_t gid; }
+
+
+def peer_uid_unix(sock: socket.socket) -> int:
+    """The uid of the process that connected an accepted ``AF_UNIX`` stream socket.
+
+    Reads ``SO_PEERCRED`` (``struct ucred {pid_t pid; uid_t uid; gid_t gid;}`` from
+    ``<sys/socket.h>``): the credentials the kernel recorded at ``connect()`` time.
+    Raises ``ValueError`` for a socket that is not ``AF_UNIX``, ``OSError`` from the kernel.
+    """
+    if sock.family != socket.AF_UNIX:
+        raise ValueError(f"SO_PEERCRED needs an AF_UNIX socket, not {sock.family!r}")
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    _pid, uid, _gid = _UCRED.unpack(raw)
+    return int(uid)
+
+
+# --- common -------------------------------------------------------------------------------------
+
+_TCP_TIME_WAIT: Final = 6  # include/net/tcp_states.h
+_TCP_LISTEN: Final = 10
+_TCP_NEW_SYN_RECV: Final = 12
+_NO_OWNER_STATES: Final = frozenset({_TCP_TIME_WAIT, _TCP_LISTEN, _TCP_NEW_SYN_RECV})
+_V4_MAPPED_PREFIX: Final = b"\x00" * 10 + b"\xff\xff"  # ::ffff:0:0/96
+
+
+@dataclass(frozen=True, slots=True)
+class SocketOwner:
+    """The owner of the client socket of a connection."""
+
+    uid: int
+    inode: int  # socket inode; 0 when the client already closed its descriptor (orphaned)
+
+
+def _owner(state: int, uid: int, inode: int) -> SocketOwner | None:
+    """The owner a matching socket reports, or None when it reports none.
+
+    ``TIME_WAIT`` sockets (and orphaned ``FIN_WAIT2`` ones the kernel turned into time-wait
+    minisocks, which report state ``FIN_WAIT2``) carry no owner: the kernel reports uid 0 and
+    inode 0 for them. Treating that as root would be wrong, so uid 0 with inode 0 is "no owner";
+    a root socket whose descriptor is already closed looks the same and is dropped too.
+    """
+    if state in _NO_OWNER_STATES or (uid == 0 and inode == 0):
+        return None
+    return SocketOwner(uid=int(uid), inode=int(inode))
+
+
+class _Query(NamedTuple):
+    """The client socket's 4-tuple, as seen from the client: src = its own end."""
+
+    family: int  # AF_INET or AF_INET6
+    src: bytes  # packed address, 4 or 16 bytes
+    sport: int
+    dst: bytes
+    dport: int
+
+
+def _pack(host: str) -> bytes:
+    """A strict IP literal (dotted quad or IPv6, zone stripped) -> 4 or 16 packed bytes."""
+    host = host.partition("%")[0]  # "fe80::1%eth0": the lookup is not scoped (idiag_if = 0)
+    try:
+        return socket.inet_pton(socket.AF_INET, host)
+    except OSError:
+        pass
+    try:
+        return socket.inet_pton(socket.AF_INET6, host)
+    except OSError:
+        raise ValueError(f"not an IP address: {host!r}") from None
+
+
+def _client_query(peer: SockAddr, local: SockAddr) -> _Query:
+    """Turn our accepted socket's (peer, local) into the client socket's id.
+
+    An IPv4 client of a dual-stack IPv6 listener shows as ``::ffff:a.b.c.d`` on our side; its own
+    socket is IPv4, so such a pair is turned into an IPv4 query.
+    """
+    src, dst = _pack(peer[0]), _pack(local[0])
+    sport, dport = int(peer[1]), int(local[1])
+    if not (0 < sport < 65536 and 0 < dport < 65536):
+        raise ValueError(f"bad port in {peer!r} / {local!r}")
+    if len(src) != len(dst):
+        raise ValueError(f"address families differ: {peer!r} / {local!r}")
+    if len(src) == 4:
+        return _Query(socket.AF_INET, src, sport, dst, dport)
+    if src[:12] == _V4_MAPPED_PREFIX and dst[:12] == _V4_MAPPED_PREFIX:
+        return _Query(socket.AF_INET, src[12:], sport, dst[12:], dport)
+    return _Query(socket.AF_INET6, src, sport, dst, dport)
+
+
+# --- NETLINK_SOCK_DIAG --------------------------------------------------------------------------
+
+_NETLINK_SOCK_DIAG: Final = 4  # linux/netlink.h
+_NLMSG_ERROR: Final = 2
+_NLMSG_DONE: Final = 3
+_NLM_F_REQUEST: Final = 0x01
+_SOCK_DIAG_BY_FAMILY: Final = 20  # linux/sock_diag.h
+_ALL_STATES: Final = 0xFFFFFFFF
+_NOCOOKIE: Final = 0xFFFFFFFF  # INET_DIAG_NOCOOKIE, both halves
+
+_NLMSGHDR: Final = struct.Struct("=IHHII")
+# nlmsghdr + inet_diag_req_v2 (family, protocol, ext, pad, states, sockid)
+_REQUEST: Final = struct.Struct("=IHHII" + "BBBxI" + "HH16s16s" + "III")  # ports pre-swapped
+# inet_diag_msg up to idiag_inode, after the nlmsghdr
+_DIAG_MSG: Final = struct.Struct("=BBBB" + "36s" + "III" + "III" + "II")
+_NLMSGERR: Final = struct.Struct("=i")
+_RECV_BUFSIZE: Final = 8192
+
+
+def _pad16(addr: bytes) -> bytes:
+    return addr + b"\x00" * (16 - len(addr))
+
+
+class TcpOwnerLookup:
+    """Find the uid owning the client socket of an accepted local TCP connection (sock_diag).
+
+    One ``NETLINK_SOCK_DIAG`` socket per instance, created in ``__init__`` (so in the caller's
+    network namespace, which must be the listener's) and reused; ``close()`` releases it. The
+    socket is blocking with a short ``SO_RCVTIMEO``: a lookup is one ``sendto`` and one
+    ``recvfrom`` (a few µs), fine to call on the event loop thread. Not thread-safe: use one
+    instance per thread.
+
+    ``lookup()`` raises ``TimeoutError`` if the kernel did not answer in time, ``OSError`` for any
+    other netlink failure and ``ValueError`` for addresses that are not IP literals; ``None``
+    means "no local socket is the client's end" (remote peer, socket gone, ``TIME_WAIT``).
+    """
+
+    def __init__(self, *, timeout_s: float = 0.2) -> None:
+        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, _NETLINK_SOCK_DIAG)
+        try:
+            sock.settimeout(None)  # really blocking, whatever socket.setdefaulttimeout() says
+            sec = int(timeout_s)
+            timeval = struct.pack("@ll", sec, int((timeout_s - sec) * 1_000_000))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+            sock.bind((0, 0))  # kernel assigns our port id
+        except BaseException:
+            sock.close()
+            raise
+        self._sock: socket.socket | None = sock
+        self._seq = 0
+        self._buf = bytearray(_RECV_BUFSIZE)
+
+    def close(self) -> None:
+        """Close the netlink socket. Idempotent."""
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def __enter__(self) -> TcpOwnerLookup:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def lookup(self, peer: SockAddr, local: SockAddr) -> int | None:
+        """The uid owning the client socket; ``peer``/``local`` are our accepted socket's
+        ``getpeername()``/``getsockname()``. ``None`` when no local socket matches."""
+        owner = self.lookup_owner(peer, local)
+        return None if owner is None else owner.uid
+
+    def lookup_owner(self, peer: SockAddr, local: SockAddr) -> SocketOwner | None:
+        """Like :meth:`lookup`, with the client socket's inode as well."""
+        return self._query(_client_query(peer, local))
+
+    def _query(self, q: _Query) -> SocketOwner | None:
+        sock = self._sock
+        if sock is None:
+            raise ValueError("TcpOwnerLookup is closed")
+        self._seq = self._seq % 0xFFFFFFFF + 1  # 1 .. 2**32-1
+        seq = self._seq
+        src, dst = _pad16(q.src), _pad16(q.dst)
+        # fmt: off
+        request = _REQUEST.pack(
+            _REQUEST.size, _SOCK_DIAG_BY_FAMILY, _NLM_F_REQUEST, seq, 0,  # nlmsghdr
+            q.family, socket.IPPROTO_TCP, 0, _ALL_STATES,  # inet_diag_req_v2
+            socket.htons(q.sport), socket.htons(q.dport), src, dst,  # sockid, big-endian part
+            0, _NOCOOKIE, _NOCOOKIE,  # idiag_if, idiag_cookie
+        )
+        # fmt: on
+        try:
+            sock.sendto(request, (0, 0))
+        except BlockingIOError as exc:
+            raise TimeoutError(errno.ETIMEDOUT, "sock_diag send timed out") from exc
+        want = request[_NLMSGHDR.size + 8 : _NLMSGHDR.size + 8 + 36]  # ports + addresses
+        buf = self._buf
+        while True:
+            try:
+                n, (sender, _groups) = sock.recvfrom_into(buf)
+            except BlockingIOError as exc:  # SO_RCVTIMEO expired (EAGAIN)
+                raise TimeoutError(errno.ETIMEDOUT, "sock_diag reply timed out") from exc
+            if sender != 0:  # not from the kernel
+                continue
+            answered, owner = self._parse(memoryview(buf)[:n], seq, q.family, want)
+            if answered:
+                return owner
+
+    @staticmethod
+    def _parse(
+        data: memoryview, seq: int, family: int, want: bytes
+    ) -> tuple[bool, SocketOwner | None]:
+        """One datagram: ``(True, answer)`` to request ``seq``, ``(False, None)`` if it answers
+        an earlier request (one that timed out)."""
+        offset = 0
+        while offset + _NLMSGHDR.size <= len(data):
+            length, mtype, _flags, mseq, _pid = _NLMSGHDR.unpack_from(data, offset)
+            if length < _NLMSGHDR.size or offset + length > len(data):
+                raise OSError(errno.EBADMSG, "truncated netlink message")
+            body = offset + _NLMSGHDR.size
+            offset += (length + 3) & ~3  # NLMSG_ALIGN
+            if mseq != seq:
+                continue  # reply to an earlier request that timed out
+            if mtype == _NLMSG_ERROR:
+                (err,) = _NLMSGERR.unpack_from(data, body)
+                if err in (-errno.ENOENT, 0):
+                    return True, None
+                raise OSError(-err, f"sock_diag: {os.strerror(-err)}")
+            if mtype == _NLMSG_DONE:
+                return True, None
+            if mtype != _SOCK_DIAG_BY_FAMILY or length < _NLMSGHDR.size + _DIAG_MSG.size:
+                raise OSError(errno.EBADMSG, f"unexpected netlink message type {mtype}")
+            fields = _DIAG_MSG.unpack_from(data, body)
+            r_family, state, sockid, uid, inode = fields[0], fields[1], fields[4], *fields[-2:]
+            if r_family != family:
+                # An IPv6 client socket talking to an IPv4 address: v4-mapped on its side.
+                sockid = _unmap_sockid(sockid)
+            if sockid != want:
+                return True, None  # the kernel fell back to a listener: not the client socket
+            return True, _owner(state, uid, inode)
+        return False, None
+
+
+def _unmap_sockid(sockid: bytes) -> bytes:
+    """ports + IPv6 src/dst, both ``::ffff:a.b.c.d`` -> the IPv4 layout; else unchanged."""
+    src, dst = sockid[4:20], sockid[20:36]
+    if src[:12] == _V4_MAPPED_PREFIX and dst[:12] == _V4_MAPPED_PREFIX:
+        return sockid[:4] + _pad16(src[12:]) + _pad16(dst[12:])
+    return sockid
+
+
+# --- /proc/net/tcp fallback ---------------------------------------------------------------------
+
+
+def _proc_hex(addr: bytes) -> bytes:
+    """An address as /proc/net/tcp{,6} prints it: each 32-bit word as ``%08X`` in host order."""
+    return b"".join(
+        b"%08X" % int.from_bytes(addr[i : i + 4], sys.byteorder) for i in range(0, len(addr), 4)
+    )
+
+
+class ProcNetTcpLookup:
+    """Same API as :class:`TcpOwnerLookup`, by scanning ``/proc/net/tcp`` and ``/proc/net/tcp6``.
+
+    A fallback for kernels without ``inet_diag``: every lookup makes the kernel print the whole
+    socket table, so its cost grows with the number of open sockets. Reads the tables of the
+    calling thread's network namespace.
+    """
+
+    def __init__(self, *, proc_net: str = "/proc/net") -> None:
+        self._tcp4 = os.path.join(proc_net, "tcp")
+        self._tcp6 = os.path.join(proc_net, "tcp6")
+
+    def close(self) -> None:
+        """Nothing to release; present for API parity."""
+
+    def __enter__(self) -> ProcNetTcpLookup:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def lookup(self, peer: SockAddr, local: SockAddr) -> int | None:
+        """The uid owning the client socket, or ``None`` when no local socket matches."""
+        owner = self.lookup_owner(peer, local)
+        return None if owner is None else owner.uid
+
+    def lookup_owner(self, peer: SockAddr, local: SockAddr) -> SocketOwner | None:
+        """Like :meth:`lookup`, with the client socket's inode as well."""
+        q = _client_query(peer, local)
+        if q.family == socket.AF_INET6:
+            return self._scan(self._tcp6, q.src, q.sport, q.dst, q.dport)
+        found = self._scan(self._tcp4, q.src, q.sport, q.dst, q.dport)
+        if found is None:  # an IPv6 client socket connected to a v4 address
+            mapped_src, mapped_dst = _V4_MAPPED_PREFIX + q.src, _V4_MAPPED_PREFIX + q.dst
+            found = self._scan(self._tcp6, mapped_src, q.sport, mapped_dst, q.dport)
+        return found
+
+    @staticmethod
+    def _scan(path: str, src: bytes, sport: int, dst: bytes, dport: int) -> SocketOwner | None:
+        # Row: "sl: local:port rem:port st tx:rx tr:when retrnsmt uid timeout inode ..."
+        needle = b": %s:%04X %s:%04X " % (_proc_hex(src), sport, _proc_hex(dst), dport)
+        try:
+            with open(path, "rb") as f:
+                table = f.read()
+        except FileNotFoundError:  # no IPv6 in this kernel
+            return None
+        at = table.find(needle)
+        if at < 0:
+            return None
+        end = table.find(b"\n", at)
+        fields = table[at + len(needle) : end if end >= 0 else len(table)].split()
+        return _owner(int(fields[0], 16), int(fields[4]), int(fields[6]))
+
+
+# --- choice at start-up -------------------------------------------------------------------------
+
+
+def _probe(lookup: TcpOwnerLookup) -> bool:
+    """Look up a loopback connection we own; True when the kernel names us."""
+    for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+        try:
+            listener = socket.socket(family, socket.SOCK_STREAM)
+        except OSError:
+            continue
+        with listener:
+            try:
+                listener.bind((host, 0))
+                listener.listen(1)
+                client = socket.create_connection(listener.getsockname()[:2], timeout=1.0)
+            except OSError:
+                continue
+            with client:
+                server, _ = listener.accept()
+                with server:
+                    found = lookup.lookup(server.getpeername(), server.getsockname())
+                    return found == os.geteuid()
+    return False
+
+
+def make_tcp_owner_lookup() -> TcpOwnerLookup | ProcNetTcpLookup:
+    """A :class:`TcpOwnerLookup` when a probe through sock_diag works, else the /proc fallback.
+
+    Call it in the listener's network namespace.
+    """
+    try:
+        lookup = TcpOwnerLookup()
+    except OSError as exc:
+        log.warning("sock_diag unavailable (%s); using /proc/net/tcp for socket owners", exc)
+        return ProcNetTcpLookup()
+    try:
+        works = _probe(lookup)
+    except OSError as exc:
+        log.warning("sock_diag probe failed (%s); using /proc/net/tcp for socket owners", exc)
+        works = False
+    else:
+        if not works:
+            log.warning("sock_diag probe found no owner; using /proc/net/tcp for socket owners")
+    if works:
+        return lookup
+    lookup.close()
+    return ProcNetTcpLookup()
