@@ -1,0 +1,86 @@
+"""Connect to the addresses the policy checked, in order, and nothing else.
+
+The dialer is handed IP addresses only and passes ``AI_NUMERICHOST`` so no name lookup can
+happen on this path: what was checked is what gets dialled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv6Address
+
+from egress.net.relay import UpstreamSide
+from egress.outcomes import Outcome
+
+# A name may resolve to many addresses; trying each with a full timeout could hold a client for
+# minutes. Three attempts cover the usual A+AAAA pair and one spare.
+MAX_ATTEMPTS = 3
+
+_UNREACHABLE_ERRNOS = frozenset(
+    {errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EADDRNOTAVAIL, errno.ENETDOWN, errno.EHOSTDOWN}
+)
+
+
+@dataclass(frozen=True, slots=True)
+class DialError(Exception):
+    """Every attempt failed; ``outcome`` is the last attempt's failure."""
+
+    outcome: Outcome
+    detail: str
+
+    def __str__(self) -> str:
+        return self.detail
+
+
+@dataclass(frozen=True, slots=True)
+class Dialled:
+    upstream: UpstreamSide
+    address: IPv4Address | IPv6Address
+    port: int
+
+
+def classify_connect_error(exc: BaseException) -> Outcome:
+    if isinstance(exc, TimeoutError):
+        return Outcome.CONNECT_TIMEOUT
+    if isinstance(exc, ConnectionRefusedError):
+        return Outcome.CONNECT_REFUSED
+    if isinstance(exc, OSError) and exc.errno in _UNREACHABLE_ERRNOS:
+        return Outcome.UNREACHABLE
+    return Outcome.UPSTREAM_ERROR
+
+
+async def dial(
+    addresses: Sequence[IPv4Address | IPv6Address], port: int, *, timeout: float
+) -> Dialled:
+    """Open a TCP connection to the first address that accepts, each attempt under ``timeout``."""
+    loop = asyncio.get_running_loop()
+    last: DialError | None = None
+    for address in addresses[:MAX_ATTEMPTS]:
+        upstream = UpstreamSide()
+        family = socket.AF_INET if address.version == 4 else socket.AF_INET6
+        try:
+            async with asyncio.timeout(timeout):
+                await loop.create_connection(
+                    lambda upstream=upstream: upstream,  # type: ignore[misc]
+                    host=str(address),
+                    port=port,
+                    family=family,
+                    flags=socket.AI_NUMERICHOST,
+                )
+        except (OSError, TimeoutError) as exc:
+            outcome = classify_connect_error(exc)
+            text = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
+            last = DialError(outcome, f"{_hostport(address, port)}: {text}")
+            continue
+        return Dialled(upstream, address, port)
+    if last is None:
+        raise DialError(Outcome.UPSTREAM_ERROR, "no address to dial")
+    raise last
+
+
+def _hostport(address: IPv4Address | IPv6Address, port: int) -> str:
+    return f"[{address}]:{port}" if address.version == 6 else f"{address}:{port}"

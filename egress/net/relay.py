@@ -1,0 +1,293 @@
+"""Relay bytes between a client and an upstream transport, without a task per tunnel.
+
+A :class:`Tunnel` owns both transports from the moment the upstream connect succeeds until both
+are closed. Two small protocol objects forward callbacks to it. Design points:
+
+* Backpressure: when one side's write buffer passes its high-water mark, the other side stops
+  reading until it drains, so memory per tunnel stays bounded whatever the peers do.
+* Half-close: EOF from one side becomes ``write_eof()`` on the other; the tunnel closes when both
+  directions are finished or either side is lost.
+* Idle timeout: one timer per tunnel, re-armed lazily from the last activity time.
+* Every transport is referenced until ``connection_lost``; uvloop can crash if a paused
+  transport is collected while libuv still holds its handle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Protocol, cast
+
+WRITE_HIGH_WATER = 256 * 1024
+WRITE_LOW_WATER = 64 * 1024
+
+
+class StreamFilter(Protocol):
+    """Transforms the bytes of a tunnel (plain HTTP forwarding rewrites headers)."""
+
+    def client_data(self, data: bytes) -> bytes: ...
+
+    def upstream_data(self, data: bytes) -> bytes: ...
+
+    def upstream_eof(self) -> bytes: ...
+
+    @property
+    def done(self) -> bool: ...
+
+
+class UpstreamSide(asyncio.Protocol):
+    """The upstream leg. Created before the connect so a server that talks first is not lost:
+    reading stays paused until the tunnel starts."""
+
+    __slots__ = ("_pending_eof", "_pending_lost", "_tunnel", "transport")
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self._tunnel: Tunnel | None = None
+        self._pending_eof = False
+        self._pending_lost = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.pause_reading()
+
+    def data_received(self, data: bytes) -> None:
+        if self._tunnel is not None:
+            self._tunnel.on_upstream_data(data)
+
+    def eof_received(self) -> bool:
+        if self._tunnel is None:
+            self._pending_eof = True
+            return True
+        return self._tunnel.on_upstream_eof()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._tunnel is None:
+            self._pending_lost = True
+            return
+        self._tunnel.on_upstream_lost(exc)
+
+    def pause_writing(self) -> None:
+        if self._tunnel is not None:
+            self._tunnel.pause_client_reading()
+
+    def resume_writing(self) -> None:
+        if self._tunnel is not None:
+            self._tunnel.resume_client_reading()
+
+
+class ClientSide(asyncio.Protocol):
+    """The client leg, installed with ``transport.set_protocol`` once the handshake is done."""
+
+    __slots__ = ("_tunnel",)
+
+    def __init__(self, tunnel: Tunnel) -> None:
+        self._tunnel = tunnel
+
+    def data_received(self, data: bytes) -> None:
+        self._tunnel.on_client_data(data)
+
+    def eof_received(self) -> bool:
+        return self._tunnel.on_client_eof()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._tunnel.on_client_lost(exc)
+
+    def pause_writing(self) -> None:
+        self._tunnel.pause_upstream_reading()
+
+    def resume_writing(self) -> None:
+        self._tunnel.resume_upstream_reading()
+
+
+class Tunnel:
+    """One established tunnel: counts bytes per direction and reports once when it ends."""
+
+    __slots__ = (
+        "_client",
+        "_client_eof",
+        "_client_lost",
+        "_filter",
+        "_idle_timeout",
+        "_idle_timer",
+        "_loop",
+        "_on_closed",
+        "_upstream",
+        "_upstream_eof",
+        "_upstream_lost",
+        "bytes_down",
+        "bytes_up",
+        "end_reason",
+        "last_activity",
+    )
+
+    def __init__(
+        self,
+        client: asyncio.Transport,
+        upstream_side: UpstreamSide,
+        *,
+        idle_timeout: float,
+        on_closed: Callable[[Tunnel], None],
+        stream_filter: StreamFilter | None = None,
+    ) -> None:
+        if upstream_side.transport is None:
+            raise RuntimeError("Tunnel needs a connected upstream")
+        self._loop = asyncio.get_running_loop()
+        self._client = client
+        self._upstream = upstream_side.transport
+        self._filter = stream_filter
+        self._idle_timeout = idle_timeout
+        self._on_closed: Callable[[Tunnel], None] | None = on_closed
+        self._client_eof = False
+        self._upstream_eof = False
+        self._client_lost = False
+        self._upstream_lost = False
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self.bytes_up = 0
+        self.bytes_down = 0
+        self.end_reason: str | None = None
+        self.last_activity = self._loop.time()
+        upstream_side._tunnel = self
+        client.set_protocol(ClientSide(self))
+        client.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
+        self._upstream.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
+        if upstream_side._pending_lost:
+            self._upstream_lost = True
+        elif upstream_side._pending_eof:
+            self._upstream_eof = True
+
+    def start(self, first_upstream_bytes: bytes = b"") -> None:
+        """Begin relaying; ``first_upstream_bytes`` came from the client during the handshake."""
+        if first_upstream_bytes:
+            self.on_client_data(first_upstream_bytes)
+        if self._upstream_lost:
+            self.on_upstream_lost(None)
+            return
+        if self._upstream_eof:
+            self._upstream_eof = False
+            self.on_upstream_eof()
+        if not self._upstream.is_closing():
+            self._upstream.resume_reading()
+        if not self._client.is_closing():
+            self._client.resume_reading()
+        self._idle_timer = self._loop.call_later(self._idle_timeout, self._check_idle)
+
+    # client -> upstream
+    def on_client_data(self, data: bytes) -> None:
+        self.bytes_up += len(data)
+        self.last_activity = self._loop.time()
+        if self._filter is not None:
+            data = self._filter.client_data(data)
+        if data and not self._upstream_lost:
+            self._upstream.write(data)
+
+    def on_client_eof(self) -> bool:
+        self._client_eof = True
+        if self._upstream_eof or self._upstream_lost:
+            self._finish("closed")
+            return False
+        if self._upstream.can_write_eof() and not self._upstream.is_closing():
+            self._upstream.write_eof()
+        return True
+
+    def on_client_lost(self, exc: Exception | None) -> None:
+        self._client_lost = True
+        if exc is not None and self.end_reason is None:
+            self.end_reason = f"client: {_describe(exc)}"
+        if not self._upstream_lost:
+            self._upstream.close()
+        self._maybe_closed()
+
+    # upstream -> client
+    def on_upstream_data(self, data: bytes) -> None:
+        self.bytes_down += len(data)
+        self.last_activity = self._loop.time()
+        if self._filter is not None:
+            data = self._filter.upstream_data(data)
+        if data and not self._client_lost:
+            self._client.write(data)
+        if self._filter is not None and self._filter.done:
+            self._finish("closed")
+
+    def on_upstream_eof(self) -> bool:
+        self._upstream_eof = True
+        if self._filter is not None:
+            tail = self._filter.upstream_eof()
+            if tail and not self._client_lost:
+                self._client.write(tail)
+            self._finish("closed")
+            return False
+        if self._client_eof or self._client_lost:
+            self._finish("closed")
+            return False
+        if self._client.can_write_eof() and not self._client.is_closing():
+            self._client.write_eof()
+        return True
+
+    def on_upstream_lost(self, exc: Exception | None) -> None:
+        self._upstream_lost = True
+        if exc is not None and self.end_reason is None:
+            self.end_reason = f"upstream: {_describe(exc)}"
+        if not self._client_lost:
+            self._client.close()
+        self._maybe_closed()
+
+    # backpressure
+    def pause_client_reading(self) -> None:
+        if not self._client.is_closing():
+            self._client.pause_reading()
+
+    def resume_client_reading(self) -> None:
+        if not self._client.is_closing():
+            self._client.resume_reading()
+
+    def pause_upstream_reading(self) -> None:
+        if not self._upstream.is_closing():
+            self._upstream.pause_reading()
+
+    def resume_upstream_reading(self) -> None:
+        if not self._upstream.is_closing():
+            self._upstream.resume_reading()
+
+    def abort(self, reason: str) -> None:
+        """Tear the tunnel down now (drain deadline, idle timeout)."""
+        if self.end_reason is None:
+            self.end_reason = reason
+        if not self._client_lost:
+            self._client.abort()
+        if not self._upstream_lost:
+            self._upstream.abort()
+
+    def _finish(self, reason: str) -> None:
+        if self.end_reason is None:
+            self.end_reason = reason
+        if not self._client_lost:
+            self._client.close()
+        if not self._upstream_lost:
+            self._upstream.close()
+
+    def _check_idle(self) -> None:
+        self._idle_timer = None
+        if self._client_lost and self._upstream_lost:
+            return
+        idle_for = self._loop.time() - self.last_activity
+        if idle_for >= self._idle_timeout:
+            self.abort("idle_timeout")
+        else:
+            self._idle_timer = self._loop.call_later(
+                self._idle_timeout - idle_for, self._check_idle
+            )
+
+    def _maybe_closed(self) -> None:
+        if not (self._client_lost and self._upstream_lost):
+            return
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+        on_closed, self._on_closed = self._on_closed, None
+        if on_closed is not None:
+            on_closed(self)
+
+
+def _describe(exc: BaseException) -> str:
+    return type(exc).__name__ if not str(exc) else f"{type(exc).__name__}: {exc}"[:120]

@@ -1,0 +1,206 @@
+"""Bad input: garbage, slow and oversized clients, and many stalled clients at once."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import pytest
+
+from egress.net.connection import ListenerKind
+from tests.support import (
+    APP_UID,
+    EchoUpstream,
+    base_config,
+    http_connect,
+    open_as_uid,
+    run,
+    running_proxy,
+    socks5_connect,
+)
+
+pytestmark = pytest.mark.usefixtures("root")
+
+
+def config(port: int, **proxy: object) -> dict[str, object]:
+    return base_config(
+        proxy={"handshake_timeout": 0.5, **proxy},
+        security={"allow_special": ["127.0.0.0/8"]},
+        app=[{"name": "blog", "uids": [str(APP_UID)], "allow": [f"127.0.0.1:{port}"]}],
+    )
+
+
+@pytest.mark.parametrize("listener", [ListenerKind.SOCKS5, ListenerKind.HTTP])
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        b"\x04\x01\x00\x50\x7f\x00\x00\x01\x00",
+        b"GET\x00\xff\xfe\r\n\r\n",
+        b"\x16\x03\x01\x02\x00",
+        b"\r\n\r\n",
+    ],
+    ids=["socks4", "binary", "tls-hello", "empty-lines"],
+)
+def test_garbage_gets_an_error_and_a_close(
+    loop_kind: str, tmp_path: Path, listener: ListenerKind, garbage: bytes
+) -> None:
+    async def main() -> None:
+        async with (
+            EchoUpstream() as upstream,
+            running_proxy(config(upstream.port), tmp_path) as proxy,
+        ):
+            reader, writer = await open_as_uid(APP_UID, *proxy.address(listener))
+            writer.write(garbage)
+            reply = await asyncio.wait_for(reader.read(), 2)  # closes well before the deadline
+            writer.close()
+            (record,) = await proxy.wait_records(1)
+        if listener is ListenerKind.HTTP:
+            assert reply.startswith(b"HTTP/1.1 400")
+        assert record["decision"] == "denied"
+        assert record["reason"] in {"bad_request", "bad_address", "unsupported_command"}
+
+    run(loop_kind, main())
+
+
+@pytest.mark.parametrize("listener", [ListenerKind.SOCKS5, ListenerKind.HTTP])
+def test_slow_client_hits_the_handshake_deadline(
+    loop_kind: str, tmp_path: Path, listener: ListenerKind
+) -> None:
+    async def main() -> None:
+        async with (
+            EchoUpstream() as upstream,
+            running_proxy(config(upstream.port), tmp_path) as proxy,
+        ):
+            reader, writer = await open_as_uid(APP_UID, *proxy.address(listener))
+            writer.write(b"\x05" if listener is ListenerKind.SOCKS5 else b"CONNECT 127.0.0.1:")
+            started = asyncio.get_running_loop().time()
+            assert await asyncio.wait_for(reader.read(), 3) == b""
+            waited = asyncio.get_running_loop().time() - started
+            writer.close()
+            (record,) = await proxy.wait_records(1)
+        assert 0.3 < waited < 2.5
+        assert record["reason"] == "handshake_timeout"
+
+    run(loop_kind, main())
+
+
+def test_oversized_http_head_is_refused(loop_kind: str, tmp_path: Path) -> None:
+    async def main() -> None:
+        async with (
+            EchoUpstream() as upstream,
+            running_proxy(config(upstream.port, max_handshake_bytes=1024), tmp_path) as proxy,
+        ):
+            reader, writer = await open_as_uid(APP_UID, *proxy.address(ListenerKind.HTTP))
+            writer.write(b"CONNECT 127.0.0.1:1 HTTP/1.1\r\nX-Fill: " + b"a" * 4096)
+            reply = await asyncio.wait_for(reader.read(), 2)
+            writer.close()
+            (record,) = await proxy.wait_records(1)
+        assert reply.startswith(b"HTTP/1.1 431")
+        assert record["reason"] == "bad_request"
+
+    run(loop_kind, main())
+
+
+def test_oversized_socks5_domain_within_limits_is_handled(loop_kind: str, tmp_path: Path) -> None:
+    """A 255-byte name (the wire maximum) is a bad address, not a crash."""
+
+    async def main() -> None:
+        async with (
+            EchoUpstream() as upstream,
+            running_proxy(config(upstream.port), tmp_path) as proxy,
+        ):
+            reader, writer = await open_as_uid(APP_UID, *proxy.address(ListenerKind.SOCKS5))
+            code = await socks5_connect(reader, writer, b"a" * 255, 443)
+            writer.close()
+            (record,) = await proxy.wait_records(1)
+        assert code == 0x08
+        assert record["reason"] == "bad_address"
+
+    run(loop_kind, main())
+
+
+def test_hundreds_of_stalled_clients_do_not_block_new_ones(loop_kind: str, tmp_path: Path) -> None:
+    async def main() -> None:
+        async with (
+            EchoUpstream() as upstream,
+            running_proxy(
+                config(upstream.port)
+                | {"proxy": {**config(upstream.port)["proxy"], "handshake_timeout": 5.0}},  # type: ignore[dict-item]
+                tmp_path,
+            ) as proxy,
+        ):
+            stalled = []
+            for index in range(300):
+                listener = ListenerKind.SOCKS5 if index % 2 else ListenerKind.HTTP
+                reader, writer = await open_as_uid(APP_UID, *proxy.address(listener))
+                writer.write(
+                    b"\x05\x02" if listener is ListenerKind.SOCKS5 else b"CONNECT 127.0.0.1"
+                )
+                stalled.append(writer)
+            started = asyncio.get_running_loop().time()
+            reader, writer = await open_as_uid(APP_UID, *proxy.address(ListenerKind.HTTP))
+            status, _, _ = await http_connect(reader, writer, f"127.0.0.1:{upstream.port}")
+            assert status == 200
+            writer.write(b"ping")
+            assert await reader.readexactly(4) == b"ping"
+            assert asyncio.get_running_loop().time() - started < 1.0
+            writer.close()
+            for stale in stalled:
+                stale.close()
+            assert proxy.runtime.server is not None
+            await asyncio.sleep(0.2)
+            assert len(proxy.runtime.server.connections) == 0
+
+    run(loop_kind, main())
+
+
+def test_connection_limit_refuses_beyond_max(loop_kind: str, tmp_path: Path) -> None:
+    async def main() -> None:
+        async with (
+            EchoUpstream() as upstream,
+            running_proxy(config(upstream.port, max_connections=5), tmp_path) as proxy,
+        ):
+            held = [
+                await open_as_uid(APP_UID, *proxy.address(ListenerKind.SOCKS5)) for _ in range(5)
+            ]
+            await asyncio.sleep(0.05)
+            reader, writer = await open_as_uid(APP_UID, *proxy.address(ListenerKind.SOCKS5))
+            writer.write(b"\x05\x01\x00")
+            assert await asyncio.wait_for(reader.read(), 2) == b""
+            writer.close()
+            for _, w in held:
+                w.close()
+
+    run(loop_kind, main())
+
+
+def test_no_file_descriptor_leak_after_many_connections(loop_kind: str, tmp_path: Path) -> None:
+    async def main() -> None:
+        async with (
+            EchoUpstream() as upstream,
+            running_proxy(config(upstream.port), tmp_path) as proxy,
+        ):
+
+            async def one(index: int) -> None:
+                reader, writer = await open_as_uid(APP_UID, *proxy.address(ListenerKind.SOCKS5))
+                port = upstream.port if index % 3 else 1  # mix allowed and denied
+                code = await socks5_connect(reader, writer, "127.0.0.1", port)
+                if code == 0:
+                    writer.write(b"x")
+                    await reader.readexactly(1)
+                writer.close()
+                await writer.wait_closed()
+
+            await asyncio.gather(*(one(i) for i in range(50)))
+            await proxy.wait_records(50)
+            before = len(os.listdir("/proc/self/fd"))
+            await asyncio.gather(*(one(i) for i in range(300)))
+            await proxy.wait_records(350)
+            await asyncio.sleep(0.1)
+            after = len(os.listdir("/proc/self/fd"))
+            assert proxy.runtime.server is not None
+            assert len(proxy.runtime.server.connections) == 0
+        assert after - before <= 2, (before, after)
+
+    run(loop_kind, main())

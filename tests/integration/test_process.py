@@ -1,0 +1,291 @@
+"""The real ``egress proxy`` process: real child uids, SIGHUP reloads, SIGTERM drains, metrics."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support import APP_UID, STRANGER_UID, python_for_uid
+
+pytestmark = pytest.mark.usefixtures("root")
+
+# A SOCKS5 client that a child process runs under a dropped uid; prints the reply code and what
+# the upstream echoed. Stdlib only, written from RFC 1928.
+CHILD_CLIENT = textwrap.dedent(
+    """
+    import socket, struct, sys
+    proxy_port, port, payload = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3].encode()
+    s = socket.create_connection(("127.0.0.1", proxy_port), timeout=5)
+    s.sendall(b"\\x05\\x01\\x00"); assert s.recv(2) == b"\\x05\\x00"
+    s.sendall(b"\\x05\\x01\\x00\\x01" + socket.inet_aton("127.0.0.1") + struct.pack("!H", port))
+    reply = s.recv(10)
+    echoed = b""
+    if reply[1] == 0:
+        s.sendall(payload); echoed = s.recv(100)
+    print(reply[1], echoed.decode(), flush=True)
+    """
+)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Echo:
+    """A blocking echo server in a child process (so the test thread stays free)."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        code = (
+            "import socket,sys\n"
+            "s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+            f"s.bind(('127.0.0.1',{self.port})); s.listen(64); print('ready', flush=True)\n"
+            "while True:\n"
+            "    c,_=s.accept()\n"
+            "    d=c.recv(65536)\n"
+            "    c.sendall(d); c.close()\n"
+        )
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", code], stdout=subprocess.PIPE, text=True
+        )
+        assert self.proc.stdout is not None
+        assert self.proc.stdout.readline().strip() == "ready"
+
+    def stop(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+        assert self.proc.stdout is not None
+        self.proc.stdout.close()
+
+
+class ProxyProcess:
+    def __init__(self, config_path: Path) -> None:
+        self.config_path = config_path
+        self.stderr_path = config_path.with_suffix(".stderr")
+        self._stderr = open(self.stderr_path, "w")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "egress.cli", "proxy", "--config", str(config_path)],
+            stderr=self._stderr,
+            stdout=subprocess.DEVNULL,
+        )
+        self.started = self.wait_log(lambda e: e.get("msg") == "proxy started")
+
+    def logs(self) -> list[dict[str, Any]]:
+        entries = []
+        for line in self.stderr_path.read_text().splitlines():
+            try:
+                entries.append(json.loads(line))
+            except json.JSONDecodeError:
+                entries.append({"raw": line})
+        return entries
+
+    def wait_log(self, predicate: Any, timeout: float = 10.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for entry in self.logs():
+                if predicate(entry):
+                    return entry
+            if self.proc.poll() is not None:
+                raise AssertionError(f"proxy exited {self.proc.returncode}: {self.logs()}")
+            time.sleep(0.02)
+        raise AssertionError(f"log line not seen; got {self.logs()}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        self._stderr.close()
+
+
+def write_config(path: Path, socks_port: int, admin_port: int, allow: list[str], log: Path) -> None:
+    allow_text = ", ".join(json.dumps(rule) for rule in allow)
+    path.write_text(
+        textwrap.dedent(
+            f"""
+            [proxy]
+            socks5_listen = ["127.0.0.1:{socks_port}"]
+            drain_timeout = 1.0
+            [security]
+            allow_special = ["127.0.0.0/8"]
+            [admin]
+            listen = "127.0.0.1:{admin_port}"
+            [log]
+            connection_log = "{log}"
+            [[app]]
+            name = "blog"
+            uids = ["{APP_UID}"]
+            allow = [{allow_text}]
+            """
+        )
+    )
+
+
+@pytest.fixture
+def setup(tmp_path: Path) -> Iterator[dict[str, Any]]:
+    echo = Echo()
+    ports = {"socks": free_port(), "admin": free_port()}
+    config = tmp_path / "egress.toml"
+    log = tmp_path / "conn.log"
+    write_config(config, ports["socks"], ports["admin"], [f"127.0.0.1:{echo.port}"], log)
+    proxy = ProxyProcess(config)
+    try:
+        yield {"echo": echo, "proxy": proxy, "config": config, "log": log, **ports}
+    finally:
+        proxy.stop()
+        echo.stop()
+
+
+def child_connect(uid: int, proxy_port: int, port: int, payload: str = "hi") -> tuple[int, str]:
+    result = subprocess.run(
+        [python_for_uid(uid), "-I", "-c", CHILD_CLIENT, str(proxy_port), str(port), payload],
+        user=uid,
+        group=uid,
+        extra_groups=[],
+        cwd="/",
+        capture_output=True,
+        text=True,
+        timeout=15,
+        check=True,
+    )
+    code, _, echoed = result.stdout.strip().partition(" ")
+    return int(code), echoed
+
+
+def scrape(admin_port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics", timeout=5) as response:
+        return response.read().decode()
+
+
+def test_real_uid_child_processes_are_identified_by_the_kernel(setup: dict[str, Any]) -> None:
+    assert child_connect(APP_UID, setup["socks"], setup["echo"].port) == (0, "hi")
+    assert child_connect(STRANGER_UID, setup["socks"], setup["echo"].port) == (2, "")
+    metrics = scrape(setup["admin"])
+    allowed = 'app="blog",decision="allowed",listener="socks5",reason="allowed"'
+    unknown = 'app="_unknown",decision="denied",listener="socks5",reason="unknown_client"'
+    assert f"egress_connections_total{{{allowed}}} 1.0" in metrics
+    assert f"egress_connections_total{{{unknown}}} 1.0" in metrics
+    assert 'egress_bytes_total{app="blog",direction="up"} 2.0' in metrics
+    assert "egress_handshake_seconds_bucket" in metrics
+
+
+def test_sighup_reloads_rules_and_keeps_them_on_a_bad_file(setup: dict[str, Any]) -> None:
+    proxy: ProxyProcess = setup["proxy"]
+    echo: Echo = setup["echo"]
+    # Reload to rules that no longer allow the echo port.
+    write_config(setup["config"], setup["socks"], setup["admin"], ["127.0.0.1:1"], setup["log"])
+    proxy.proc.send_signal(signal.SIGHUP)
+    proxy.wait_log(lambda e: e.get("msg") == "rules reloaded")
+    assert child_connect(APP_UID, setup["socks"], echo.port)[0] == 2
+    # A broken file keeps the last good rules and says why.
+    write_config(
+        setup["config"], setup["socks"], setup["admin"], [f"127.0.0.1:{echo.port}"], setup["log"]
+    )
+    setup["config"].write_text(setup["config"].read_text() + "\nbogus_key = 1\n")
+    proxy.proc.send_signal(signal.SIGHUP)
+    rejected = proxy.wait_log(lambda e: e.get("msg", "").startswith("reload rejected"))
+    assert "bogus_key" in rejected["problems"]
+    assert child_connect(APP_UID, setup["socks"], echo.port)[0] == 2
+    metrics = scrape(setup["admin"])
+    assert 'egress_config_reloads_total{result="ok"} 1.0' in metrics
+    assert 'egress_config_reloads_total{result="error"} 1.0' in metrics
+
+
+def test_sigterm_stops_accepting_and_drains_open_tunnels(setup: dict[str, Any]) -> None:
+    proxy: ProxyProcess = setup["proxy"]
+    echo: Echo = setup["echo"]
+    os.setegid(APP_UID)
+    os.seteuid(APP_UID)
+    try:
+        tunnel = socket.socket()
+    finally:
+        os.seteuid(0)
+        os.setegid(0)
+    tunnel.settimeout(5)
+    tunnel.connect(("127.0.0.1", setup["socks"]))
+    tunnel.sendall(b"\x05\x01\x00")
+    assert tunnel.recv(2) == b"\x05\x00"
+    tunnel.sendall(
+        b"\x05\x01\x00\x01" + socket.inet_aton("127.0.0.1") + echo.port.to_bytes(2, "big")
+    )
+    assert tunnel.recv(10)[1] == 0
+    proxy.proc.send_signal(signal.SIGTERM)
+    proxy.wait_log(lambda e: e.get("msg") == "draining")
+    # New connections are refused while the open tunnel still relays.
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", setup["socks"]), timeout=2).close()
+    tunnel.sendall(b"still here")
+    assert tunnel.recv(100) == b"still here"
+    tunnel.close()
+    assert proxy.proc.wait(timeout=5) == 0
+    assert any(e.get("msg") == "proxy stopped" for e in proxy.logs())
+
+
+def test_sigterm_cuts_tunnels_after_the_drain_timeout(setup: dict[str, Any]) -> None:
+    proxy: ProxyProcess = setup["proxy"]
+    os.setegid(APP_UID)
+    os.seteuid(APP_UID)
+    try:
+        tunnel = socket.socket()
+    finally:
+        os.seteuid(0)
+        os.setegid(0)
+    tunnel.settimeout(5)
+    tunnel.connect(("127.0.0.1", setup["socks"]))
+    tunnel.sendall(b"\x05\x01\x00")
+    tunnel.recv(2)
+    # A tunnel to an upstream that never closes: the echo server answers one read, then closes,
+    # so hold a tunnel in the handshake-complete state without sending anything.
+    tunnel.sendall(
+        b"\x05\x01\x00\x01" + socket.inet_aton("127.0.0.1") + setup["echo"].port.to_bytes(2, "big")
+    )
+    assert tunnel.recv(10)[1] == 0
+    started = time.monotonic()
+    proxy.proc.send_signal(signal.SIGTERM)
+    assert proxy.proc.wait(timeout=10) == 0
+    elapsed = time.monotonic() - started
+    assert 0.8 < elapsed < 5, elapsed  # drain_timeout = 1.0
+    assert tunnel.recv(100) == b""
+    tunnel.close()
+    records = [json.loads(line) for line in setup["log"].read_text().splitlines()]
+    assert records[-1]["error"] == "drain_timeout"
+
+
+def test_check_config_reports_every_problem(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text(
+        '[proxy]\nsocks_listen = ["127.0.0.1:1080"]\n'
+        '[[app]]\nname = "x"\nuids = ["0"]\nallow = ["127.1:80"]\n'
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "egress.cli", "check-config", str(bad)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "socks5_listen" in result.stderr
+    assert "app[0].allow[0]" in result.stderr
+    assert str(bad) in result.stderr
+    good = subprocess.run(
+        [sys.executable, "-m", "egress.cli", "check-config", "config.example.toml"],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=Path(__file__).parents[2],
+    )
+    assert good.returncode == 0, good.stderr
+    assert "api.example.com:443" in good.stdout
