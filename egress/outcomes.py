@@ -16,13 +16,13 @@ class Outcome(StrEnum):
 
     ALLOWED = "allowed"
     NOT_ALLOWED = "not_allowed"  # no rule of the app covers the destination
-    SPECIAL_ADDRESS = "special_address"  # destination (or every resolved address) is special-purpose
+    SPECIAL_ADDRESS = "special_address"  # destination (or each resolved address) is special
     UNKNOWN_CLIENT = "unknown_client"  # the kernel-reported uid maps to no app
     AUTH_REQUIRED = "auth_required"  # app needs proxy credentials, none were offered
     AUTH_FAILED = "auth_failed"  # credentials offered but wrong
     BAD_REQUEST = "bad_request"  # malformed or oversized handshake
     BAD_ADDRESS = "bad_address"  # unsupported address type or an invalid host/IP spelling
-    UNSUPPORTED_COMMAND = "unsupported_command"  # SOCKS5 BIND / UDP ASSOCIATE, HTTP methods we refuse
+    UNSUPPORTED_COMMAND = "unsupported_command"  # SOCKS5 BIND / UDP ASSOCIATE
     HANDSHAKE_TIMEOUT = "handshake_timeout"
     DNS_FAILURE = "dns_failure"  # NXDOMAIN, SERVFAIL, no A/AAAA
     DNS_TIMEOUT = "dns_timeout"
@@ -63,7 +63,9 @@ WIRE: dict[Outcome, WireReply] = {
     Outcome.AUTH_FAILED: WireReply(SOCKS5_NOT_ALLOWED, 407, "http_request_denied"),
     Outcome.BAD_REQUEST: WireReply(SOCKS5_GENERAL_FAILURE, 400, "http_request_error"),
     Outcome.BAD_ADDRESS: WireReply(SOCKS5_ADDRESS_TYPE_NOT_SUPPORTED, 400, "http_request_error"),
-    Outcome.UNSUPPORTED_COMMAND: WireReply(SOCKS5_COMMAND_NOT_SUPPORTED, 405, "http_request_denied"),
+    Outcome.UNSUPPORTED_COMMAND: WireReply(
+        SOCKS5_COMMAND_NOT_SUPPORTED, 405, "http_request_denied"
+    ),
     Outcome.HANDSHAKE_TIMEOUT: WireReply(SOCKS5_GENERAL_FAILURE, 408, "http_request_error"),
     Outcome.DNS_FAILURE: WireReply(SOCKS5_HOST_UNREACHABLE, 502, "dns_error"),
     Outcome.DNS_TIMEOUT: WireReply(SOCKS5_HOST_UNREACHABLE, 504, "dns_timeout"),

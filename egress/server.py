@@ -128,6 +128,13 @@ class ProxyServer:
             )
         if proxy.unix_socket is not None:
             await self._listen_unix(proxy)
+        if proxy.transparent_listen is not None:
+            # Fails closed: redirected connections find no listener and are refused.
+            log.warning(
+                "proxy.transparent_listen is set but this version has no transparent listener; "
+                "redirected connections will be refused",
+                extra={"address": str(proxy.transparent_listen)},
+            )
 
     async def _listen_tcp(
         self,

@@ -387,6 +387,38 @@ class Socks5Connection(ClientConnection):
             self.transport.write(self._parser.reply(WIRE[outcome].socks5_code))
 
 
+class _ForwardFilter:
+    """Adapts the sans-I/O forward exchange to the relay: a malformed response becomes a 502
+    while the client has not seen a response yet, otherwise just a close."""
+
+    __slots__ = ("_exchange",)
+
+    def __init__(self, exchange: http_proxy.HttpForwardExchange) -> None:
+        self._exchange = exchange
+
+    def client_data(self, data: bytes) -> bytes:
+        return self._exchange.client_data(data)
+
+    def upstream_data(self, data: bytes) -> bytes:
+        return self._exchange.upstream_data(data)
+
+    def upstream_eof(self) -> bytes:
+        return self._exchange.upstream_eof()
+
+    @property
+    def done(self) -> bool:
+        return self._exchange.done
+
+    def failure_reply(self, error: ValueError) -> bytes:
+        if self._exchange.response_started:
+            return b""
+        status = error.status if isinstance(error, http_proxy.HttpProxyError) else 502
+        reason = error.reason if isinstance(error, http_proxy.HttpProxyError) else str(error)
+        return http_proxy.render_error(
+            status, f"upstream_error: {reason}", proxy_status="http_protocol_error"
+        )
+
+
 class HttpConnection(ClientConnection):
     """HTTP CONNECT and absolute-form plain HTTP forwarding."""
 
@@ -445,7 +477,7 @@ class HttpConnection(ClientConnection):
         self.fail(outcome)
 
     def stream_filter(self) -> StreamFilter | None:
-        return self._exchange
+        return None if self._exchange is None else _ForwardFilter(self._exchange)
 
     def first_upstream_bytes(self, early: bytes) -> bytes:
         if self._exchange is None:

@@ -23,7 +23,11 @@ WRITE_LOW_WATER = 64 * 1024
 
 
 class StreamFilter(Protocol):
-    """Transforms the bytes of a tunnel (plain HTTP forwarding rewrites headers)."""
+    """Transforms the bytes of a tunnel (plain HTTP forwarding rewrites headers).
+
+    The transforming methods raise ``ValueError`` on a protocol violation by either peer;
+    ``failure_reply`` then says what, if anything, the client should still be sent.
+    """
 
     def client_data(self, data: bytes) -> bytes: ...
 
@@ -33,6 +37,8 @@ class StreamFilter(Protocol):
 
     @property
     def done(self) -> bool: ...
+
+    def failure_reply(self, error: ValueError) -> bytes: ...
 
 
 class UpstreamSide(asyncio.Protocol):
@@ -177,7 +183,11 @@ class Tunnel:
         self.bytes_up += len(data)
         self.last_activity = self._loop.time()
         if self._filter is not None:
-            data = self._filter.client_data(data)
+            try:
+                data = self._filter.client_data(data)
+            except ValueError as exc:
+                self._filter_failed(exc)
+                return
         if data and not self._upstream_lost:
             self._upstream.write(data)
 
@@ -203,7 +213,11 @@ class Tunnel:
         self.bytes_down += len(data)
         self.last_activity = self._loop.time()
         if self._filter is not None:
-            data = self._filter.upstream_data(data)
+            try:
+                data = self._filter.upstream_data(data)
+            except ValueError as exc:
+                self._filter_failed(exc)
+                return
         if data and not self._client_lost:
             self._client.write(data)
         if self._filter is not None and self._filter.done:
@@ -212,7 +226,11 @@ class Tunnel:
     def on_upstream_eof(self) -> bool:
         self._upstream_eof = True
         if self._filter is not None:
-            tail = self._filter.upstream_eof()
+            try:
+                tail = self._filter.upstream_eof()
+            except ValueError as exc:
+                self._filter_failed(exc)
+                return False
             if tail and not self._client_lost:
                 self._client.write(tail)
             self._finish("closed")
@@ -257,6 +275,13 @@ class Tunnel:
             self._client.abort()
         if not self._upstream_lost:
             self._upstream.abort()
+
+    def _filter_failed(self, error: ValueError) -> None:
+        assert self._filter is not None
+        reply = self._filter.failure_reply(error)
+        if reply and not self._client_lost:
+            self._client.write(reply)
+        self._finish(f"protocol error: {error}"[:120])
 
     def _finish(self, reason: str) -> None:
         if self.end_reason is None:
