@@ -1,1 +1,1 @@
-"""Rate limiting: the interface the proxy calls. Backends (memory, Redis) arrive in a later issue."""
+"""Rate limiting: the interface the proxy calls. Memory and Redis backends come later."""
