@@ -80,6 +80,7 @@ class Options:
     bench_uid: int
     profile: bool
     results_path: Path
+    soak_seconds: float = 60.0
 
 
 @dataclasses.dataclass
@@ -562,6 +563,81 @@ def bulk_cases(opts: Options, loadgen: Path, proxy: Proxy, up: Upstream) -> list
     return out
 
 
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def soak_case(opts: Options, loadgen: Path, proxy: Proxy, up: Upstream) -> dict[str, Any]:
+    """Full-rate load for ``soak_seconds`` (CONNECT then SOCKS5, 32 clients): the proxy must
+    survive, log no errors and hold no more file descriptors afterwards than before."""
+    assert proxy.proc is not None and proxy.log_path is not None
+    pid = proxy.proc.pid
+    warm = [
+        "--mode", "rate", *target_args(proxy, "connect", up.reqresp_port),
+        "--concurrency", "32", "--count", "2000", "--seconds", "2", "--timeout", "10",
+        "--req-size", str(REQ_SIZE), "--resp-size", str(RESP_SIZE),
+    ]  # fmt: skip
+    run_loadgen(opts, loadgen, warm, 30)
+    time.sleep(0.5)
+    fds_before, rss_before = open_fds(pid), rss_kib(pid)
+    legs: list[dict[str, Any]] = []
+    for proto in ("connect", "socks5"):
+        args = [
+            "--mode", "rate", *target_args(proxy, proto, up.reqresp_port),
+            "--concurrency", "32", "--count", str(opts.max_rate_count * 10),
+            "--seconds", str(opts.soak_seconds / 2), "--timeout", "10",
+            "--req-size", str(REQ_SIZE), "--resp-size", str(RESP_SIZE),
+        ]  # fmt: skip
+        res = run_loadgen(opts, loadgen, args, opts.soak_seconds + 60)
+        res["proto"] = proto
+        legs.append(res)
+        log(f"soak {proxy.name}/{proto}: {res['conn_per_s']:.0f} conn/s errors={res['errors']}")
+    time.sleep(1.0)  # let the last connections close
+    alive = proxy.proc.poll() is None
+    fds_after = open_fds(pid) if alive else None
+    rss_after = rss_kib(pid) if alive else None
+    text = proxy.log_path.read_text(errors="replace")
+    error_lines = [
+        line for line in text.splitlines()
+        if '"level":"error"' in line or "Traceback" in line or "Warning" in line
+    ]  # fmt: skip
+    return {
+        "target": proxy.name,
+        "seconds": opts.soak_seconds,
+        "connections": sum(leg["connections"] for leg in legs),
+        "errors": sum(leg["errors"] for leg in legs),
+        "conn_per_s": [leg["conn_per_s"] for leg in legs],
+        "alive": alive,
+        "exit_code": proxy.proc.returncode,
+        "fds_before": fds_before,
+        "fds_after": fds_after,
+        "rss_kib_before": rss_before,
+        "rss_kib_after": rss_after,
+        "error_log_lines": len(error_lines),
+        "first_error_lines": error_lines[:3],
+    }
+
+
+def soak_table(soak: Sequence[dict[str, Any]]) -> str:
+    if not soak:
+        return ""
+    rows = [
+        [
+            r["target"], fmt_num(r["seconds"]), fmt_num(r["connections"]), fmt_num(r["errors"]),
+            "yes" if r["alive"] else f"NO (exit {r['exit_code']})",
+            f"{r['fds_before']} -> {r['fds_after']}",
+            f"{fmt_num(r['rss_kib_before'] / 1024, 1)} -> "
+            + (fmt_num(r["rss_kib_after"] / 1024, 1) if r["rss_kib_after"] else "-"),
+            fmt_num(r["error_log_lines"]),
+        ]
+        for r in soak
+    ]  # fmt: skip
+    return "(d) soak: full rate on uvloop, 32 clients, CONNECT then SOCKS5\n" + table(
+        ["target", "s", "connections", "errors", "alive", "fds", "RSS MiB", "error log lines"],
+        rows,
+    )
+
+
 def read_line(proc: subprocess.Popen[bytes], timeout_s: float) -> str:
     assert proc.stdout is not None
     buf = b""
@@ -771,6 +847,8 @@ def render(results: dict[str, Any], opts: Options) -> str:
         sections.append(bulk_table(results["bulk"], opts))
     if results["idle"]:
         sections.append(idle_table(results["idle"], opts))
+    if results.get("soak"):
+        sections.append(soak_table(results["soak"]))
     notes = [f"{i['target']} {i['requested']}: {i['note']}" for i in results["idle"] if i["note"]]
     notes += results["notes"]
     if notes:
@@ -852,8 +930,11 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     )  # fmt: skip
     p.add_argument(
         "--cases",
-        default="rate,bulk,idle",
-        help="comma-separated subset of rate,bulk,idle (default all three)",
+        default="rate,bulk,idle,soak",
+        help="comma-separated subset of rate,bulk,idle,soak (default all; soak is egress only)",
+    )
+    p.add_argument(
+        "--soak-seconds", type=float, default=None, help="soak length (default 60, quick 10)"
     )
     p.add_argument(
         "--seconds",
@@ -888,7 +969,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
             p.error(f"unknown target {n!r}")
     cases = tuple(c.strip() for c in a.cases.split(",") if c.strip())
     for c in cases:
-        if c not in ("rate", "bulk", "idle"):
+        if c not in ("rate", "bulk", "idle", "soak"):
             p.error(f"unknown case {c!r}")
     seconds = a.seconds if a.seconds is not None else (3.0 if a.quick else 10.0)
     bulk_mib = a.bulk_mib if a.bulk_mib is not None else (256 if a.quick else 1024)
@@ -911,6 +992,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         bench_uid=a.uid if os.geteuid() == 0 else os.getuid(),
         profile=a.profile,
         results_path=a.output,
+        soak_seconds=a.soak_seconds or (10.0 if a.quick else 60.0),
     )
 
 
@@ -986,6 +1068,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "rate": [],
         "bulk": [],
         "idle": [],
+        "soak": [],
         "errors": {},
         "notes": [],
     }
@@ -1013,6 +1096,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         raise BenchError(
                             f"{name} exited with {proxy.proc.returncode} during the run"
                         )
+                if name == "egress" and "soak" in opts.cases:
+                    with start_proxy(name, opts, Path(tmp) / f"{name}-soak") as proxy:
+                        results["soak"].append(soak_case(opts, loadgen, proxy, up))
                 if prof is not None and prof.exists():
                     results["notes"].append(
                         f"egress profile (numbers perturbed while profiling): {prof}"

@@ -32,6 +32,8 @@ class Outcome(StrEnum):
     UPSTREAM_ERROR = "upstream_error"  # any other failure talking to the upstream
     RATE_LIMITED = "rate_limited"
     SHUTTING_DOWN = "shutting_down"
+    CONNECTION_LIMIT = "connection_limit"  # [proxy].max_connections reached at accept
+    IDENTITY_ERROR = "identity_error"  # the kernel could not say who owns the client socket
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,4 +77,6 @@ WIRE: dict[Outcome, WireReply] = {
     Outcome.UPSTREAM_ERROR: WireReply(SOCKS5_GENERAL_FAILURE, 502, "proxy_internal_error"),
     Outcome.RATE_LIMITED: WireReply(SOCKS5_NOT_ALLOWED, 429, "connection_limit_reached"),
     Outcome.SHUTTING_DOWN: WireReply(SOCKS5_GENERAL_FAILURE, 503, "proxy_internal_error"),
+    Outcome.CONNECTION_LIMIT: WireReply(SOCKS5_GENERAL_FAILURE, 503, "connection_limit_reached"),
+    Outcome.IDENTITY_ERROR: WireReply(SOCKS5_NOT_ALLOWED, 403, "http_request_denied"),
 }

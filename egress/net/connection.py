@@ -64,6 +64,7 @@ class ClientConnection(asyncio.Protocol):
         "detail",
         "dialled",
         "finished",
+        "identity_error",
         "kind",
         "outcome",
         "rule",
@@ -89,6 +90,7 @@ class ClientConnection(asyncio.Protocol):
         self.detail: str | None = None
         self.tunnel: Tunnel | None = None
         self.finished = False
+        self.identity_error: str | None = None
         self._task: asyncio.Task[None] | None = None
         self._handshake_timer: asyncio.TimerHandle | None = None
         self.accepted_at = 0.0
@@ -101,11 +103,16 @@ class ClientConnection(asyncio.Protocol):
         self.accepted_at = time.perf_counter()
         self.started_wall = time.time()
         if not server.register(self):
-            self.outcome = Outcome.SHUTTING_DOWN if server.draining else Outcome.UPSTREAM_ERROR
-            self.detail = "connection limit reached" if not server.draining else None
+            self.outcome = Outcome.SHUTTING_DOWN if server.draining else Outcome.CONNECTION_LIMIT
             self.transport.abort()
             return
-        self.uid = self._identify()
+        try:
+            self.uid = self._identify()
+        except (OSError, ValueError) as exc:
+            # Fail closed: without the kernel's answer the client is nobody. The request is
+            # still read so the denial is explicit on the wire and in the log.
+            log.warning("identity lookup failed", extra={"error": repr(exc)[:200]})
+            self.identity_error = f"identity lookup failed: {type(exc).__name__}"
         if self.uid is not None:
             self.app = server.snapshot.app_for_uid(self.uid)
         self._handshake_timer = server.loop.call_later(
@@ -178,8 +185,16 @@ class ClientConnection(asyncio.Protocol):
         self.transport.pause_reading()
         shown = str(raw_host) if not isinstance(raw_host, IPv6Address) else f"[{raw_host}]"
         self.destination = f"{untrusted(shown)}:{port}"
+        if self.identity_error is not None:
+            self.fail(Outcome.IDENTITY_ERROR, self.identity_error)
+            return
         if self.app is None:
-            self.fail(Outcome.UNKNOWN_CLIENT, f"uid {self.uid} belongs to no app")
+            detail = (
+                f"uid {self.uid} belongs to no app"
+                if self.uid is not None
+                else "no local socket owner (only clients on this host can be identified)"
+            )
+            self.fail(Outcome.UNKNOWN_CLIENT, detail)
             return
         if server.draining:
             self.fail(Outcome.SHUTTING_DOWN)

@@ -169,6 +169,8 @@ def test_connection_limit_refuses_beyond_max(loop_kind: str, tmp_path: Path) -> 
             writer.write(b"\x05\x01\x00")
             assert await asyncio.wait_for(reader.read(), 2) == b""
             writer.close()
+            (refused,) = await proxy.wait_records(1)
+            assert refused["reason"] == "connection_limit"
             for _, w in held:
                 w.close()
 
