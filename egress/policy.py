@@ -100,12 +100,24 @@ async def evaluate(
     *,
     resolver: Resolver,
     metrics: ProxyMetrics,
+    names_from_cache: bool = False,
 ) -> Verdict:
-    """Decide one request; ``host`` already went through ``rules.addresses.canonical_host``."""
+    """Decide one request; ``host`` already went through ``rules.addresses.canonical_host``.
+
+    ``names_from_cache`` (transparent mode, where the client only gives an address) lets a
+    name rule match an address that the proxy itself resolved for that name and still has in
+    its cache; what the client claims about names is never used.
+    """
     if not isinstance(host, str):
         address = effective_address(host)
+        name_rule = None
+        if names_from_cache:
+            for name in resolver.cached_names_for(address):
+                name_rule = app.policy.rules.match_name(name, port)
+                if name_rule is not None:
+                    break
         decision = decide_address(
-            app.policy, address, port, name_rule=None, exceptions=snapshot.exceptions
+            app.policy, address, port, name_rule=name_rule, exceptions=snapshot.exceptions
         )
         return _from_decision(decision, (address,))
 

@@ -8,9 +8,11 @@ import grp
 import logging
 import os
 import pwd
+import socket
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv6Address, ip_address
 from pathlib import Path
 
 from egress.config import Config, ListenAddress, ProxyConfig
@@ -24,6 +26,7 @@ from egress.net.connection import (
     Socks5Connection,
 )
 from egress.net.identity import make_tcp_owner_lookup
+from egress.net.transparent import TransparentConnection
 from egress.outcomes import Outcome
 from egress.policy import PolicySnapshot
 from egress.resolver import Resolver
@@ -129,11 +132,11 @@ class ProxyServer:
         if proxy.unix_socket is not None:
             await self._listen_unix(proxy)
         if proxy.transparent_listen is not None:
-            # Fails closed: redirected connections find no listener and are refused.
-            log.warning(
-                "proxy.transparent_listen is set but this version has no transparent listener; "
-                "redirected connections will be refused",
-                extra={"address": str(proxy.transparent_listen)},
+            await self._listen_tcp(
+                ListenerKind.TRANSPARENT,
+                proxy.transparent_listen,
+                lambda: TransparentConnection(self),
+                "proxy.transparent_listen",
             )
 
     async def _listen_tcp(
@@ -144,9 +147,14 @@ class ProxyServer:
         key: str,
     ) -> None:
         try:
-            server = await self.loop.create_server(
-                factory, host=address.host, port=address.port, reuse_address=True, backlog=4096
-            )
+            if address.host == "::":
+                server = await self.loop.create_server(
+                    factory, sock=_dual_stack_socket(address.port), backlog=4096
+                )
+            else:
+                server = await self.loop.create_server(
+                    factory, host=address.host, port=address.port, reuse_address=True, backlog=4096
+                )
         except OSError as exc:
             raise ListenerError(f"{key}: cannot listen on {address}: {exc.strerror}") from exc
         bound = server.sockets[0].getsockname()
@@ -174,6 +182,19 @@ class ProxyServer:
         except (OSError, KeyError) as exc:
             raise ListenerError(f"proxy.unix_socket: cannot listen on {path}: {exc}") from exc
         self.listeners.append(BoundListener(ListenerKind.SOCKS5_UNIX, str(path), server))
+
+    def is_own_listener(self, address: IPv4Address | IPv6Address, port: int) -> bool:
+        """Whether ``address:port`` is one of our TCP listeners (a redirect loop)."""
+        for listener in self.listeners:
+            if listener.kind is ListenerKind.SOCKS5_UNIX:
+                continue
+            host, _, bound_port = listener.address.rpartition(":")
+            if int(bound_port) != port:
+                continue
+            bound = ip_address(host.strip("[]"))
+            if bound == address or bound.is_unspecified:
+                return True
+        return False
 
     def address_of(self, kind: ListenerKind) -> str:
         """The first bound address of a listener kind (tests and benchmarks use port 0)."""
@@ -207,6 +228,19 @@ class ProxyServer:
         for listener in self.listeners:
             await listener.server.wait_closed()
         self.tcp_identity.close()
+
+
+def _dual_stack_socket(port: int) -> socket.socket:
+    """``[::]:PORT`` means IPv6 and IPv4 (as on Linux by default); asyncio would set V6ONLY."""
+    sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind(("::", port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 def _prepare_socket_path(path: Path) -> None:

@@ -155,7 +155,11 @@ async def open_as_uid(
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket_as_uid(uid, family)
     loop = asyncio.get_running_loop()
-    await loop.sock_connect(sock, (host, port))
+    try:
+        await loop.sock_connect(sock, (host, port))
+    except BaseException:
+        sock.close()
+        raise
     return await asyncio.open_connection(sock=sock)
 
 

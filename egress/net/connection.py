@@ -40,6 +40,7 @@ class ListenerKind(StrEnum):
     SOCKS5 = "socks5"
     SOCKS5_UNIX = "socks5_unix"
     HTTP = "http"
+    TRANSPARENT = "transparent"
 
 
 _DEFAULT_DETAIL = {
@@ -212,7 +213,13 @@ class ClientConnection(asyncio.Protocol):
     ) -> None:
         server = self.server
         verdict = await evaluate(
-            server.snapshot, app, host, port, resolver=server.resolver, metrics=server.metrics
+            server.snapshot,
+            app,
+            host,
+            port,
+            resolver=server.resolver,
+            metrics=server.metrics,
+            names_from_cache=self.kind is ListenerKind.TRANSPARENT,
         )
         self.verdict = verdict
         self.rule = verdict.rule

@@ -1,0 +1,122 @@
+"""Transparent mode: connections redirected to us by iptables ``REDIRECT``.
+
+The client believes it connected straight to its destination; the kernel tells us where it
+meant to go (``SO_ORIGINAL_DST``) and who it is (the uid owning its socket). There is no
+handshake: the original destination is the request. Hostname rules can match only through
+names the proxy itself resolved to that address (its DNS cache), never through a name the
+client claims, so SNI and Host headers are not consulted at all.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from ipaddress import IPv4Address, IPv6Address
+from typing import TYPE_CHECKING, Any
+
+from egress.net.connection import ClientConnection, ListenerKind
+from egress.net.dialer import Dialled
+from egress.outcomes import Outcome
+
+if TYPE_CHECKING:
+    from egress.server import ProxyServer
+
+# linux/netfilter_ipv4.h SO_ORIGINAL_DST and linux/netfilter_ipv6/ip6_tables.h
+# IP6T_SO_ORIGINAL_DST: both 80, at SOL_IP and SOL_IPV6 (= IPPROTO_IPV6).
+SO_ORIGINAL_DST = 80
+IP6T_SO_ORIGINAL_DST = 80
+_SOCKADDR_IN = struct.Struct("!2xH4s8x")  # family (host order, skipped), port, addr, zero
+_SOCKADDR_IN6 = struct.Struct("!2xHI16sI")  # family, port, flowinfo, addr, scope id
+
+
+class OriginalDestinationError(OSError):
+    """The connection was not redirected (someone dialled the transparent port directly)."""
+
+
+def original_destination(sock: Any) -> tuple[IPv4Address | IPv6Address, int]:
+    """Where the redirected client meant to connect, from conntrack.
+
+    ``sock`` is the accepted socket (or an asyncio/uvloop transport socket wrapper). IPv4
+    clients, including v4-mapped ones on a dual-stack listener, are asked at SOL_IP.
+    """
+    peer = sock.getpeername()
+    mapped = sock.family == socket.AF_INET6 and peer[0].startswith("::ffff:")
+    try:
+        if sock.family == socket.AF_INET or mapped:
+            raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, _SOCKADDR_IN.size)
+            port, packed = _SOCKADDR_IN.unpack(raw[: _SOCKADDR_IN.size])
+            return IPv4Address(packed), port
+        raw = sock.getsockopt(socket.IPPROTO_IPV6, IP6T_SO_ORIGINAL_DST, _SOCKADDR_IN6.size)
+        port, _, packed, _ = _SOCKADDR_IN6.unpack(raw[: _SOCKADDR_IN6.size])
+        return IPv6Address(packed), port
+    except OSError as exc:
+        raise OriginalDestinationError(
+            exc.errno, "no original destination (connection was not redirected)"
+        ) from exc
+
+
+class TransparentConnection(ClientConnection):
+    """A redirected client: identity and destination from the kernel, then the common path."""
+
+    __slots__ = ("_early", "_original")
+
+    def __init__(self, server: ProxyServer) -> None:
+        super().__init__(server, ListenerKind.TRANSPARENT)
+        self._original: tuple[IPv4Address | IPv6Address, int] | None = None
+        self._early = bytearray()
+
+    def connection_made(self, transport: Any) -> None:
+        sock = transport.get_extra_info("socket")
+        try:
+            self._original = original_destination(sock)
+        except OriginalDestinationError:
+            self._original = None
+        super().connection_made(transport)
+        if self.finished or self.transport is None or self.transport.is_closing():
+            return
+        if self._original is None:
+            self.destination = None
+            self.fail(Outcome.BAD_REQUEST, "not a redirected connection")
+            return
+        address, port = self._original
+        if self.server.is_own_listener(address, port):
+            self.fail(Outcome.BAD_REQUEST, "redirect loop: destination is the proxy itself")
+            return
+        self.request_complete(address, port, b"")
+
+    def _identify(self) -> int | None:
+        # After REDIRECT the client's socket is still keyed by its original destination, so
+        # that (not our listener address) is the remote end to look up.
+        assert self.transport is not None
+        if self._original is None:
+            return None
+        peer = self.transport.get_extra_info("peername")
+        if not peer:
+            return None
+        address, port = self._original
+        peer_host = peer[0]
+        if address.version == 4 and peer_host.startswith("::ffff:"):
+            peer_host = peer_host[len("::ffff:") :]
+        return self.server.tcp_identity.lookup((peer_host, peer[1]), (str(address), port))
+
+    def data_received(self, data: bytes) -> None:
+        """Bytes the client sent before the tunnel exists (it believes it is connected).
+
+        uvloop starts reading only after connection_made returns, so a pause made there does
+        not hold: keep what arrives, pause again, and hand it upstream when the tunnel starts.
+        One read is bounded by the loop's buffer, and reading stays paused after it.
+        """
+        self._early += data
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.pause_reading()
+
+    def first_upstream_bytes(self, early: bytes) -> bytes:
+        return early + bytes(self._early)
+
+    def send_success(self, dialled: Dialled) -> None:
+        """The client already thinks it is connected: nothing to say."""
+
+    def send_failure(self, outcome: Outcome, text: str) -> None:
+        """No protocol to carry a reason: the close (a reset) is the answer."""
+        if self.transport is not None:
+            self.transport.abort()
