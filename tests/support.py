@@ -129,22 +129,29 @@ async def running_proxy(data: dict[str, Any], tmp_path: Path) -> AsyncIterator[P
         await runtime.aclose()
 
 
+@contextlib.contextmanager
+def acting_as(uid: int) -> Iterator[None]:
+    """Run a few syscalls with effective uid/gid ``uid`` (root only), then switch back."""
+    os.setegid(uid)
+    os.seteuid(uid)
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+        os.setegid(0)
+
+
 def socket_as_uid(
     uid: int, family: int = socket.AF_INET, kind: int = socket.SOCK_STREAM
 ) -> socket.socket:
-    """A socket the kernel records as owned by ``uid``.
+    """A non-blocking socket the kernel records as owned by ``uid``.
 
     The kernel stamps a socket with the creating thread's fsuid, so switching the effective uid
     around ``socket()`` gives a socket whose owner is ``uid`` as sock_diag and iptables' owner
     match see it, without a child process. Needs root.
     """
-    os.setegid(uid)
-    os.seteuid(uid)
-    try:
+    with acting_as(uid):
         sock = socket.socket(family, kind)
-    finally:
-        os.seteuid(0)
-        os.setegid(0)
     sock.setblocking(False)
     return sock
 
@@ -168,14 +175,9 @@ async def open_unix_as_uid(
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     sock = socket_as_uid(uid, socket.AF_UNIX)
     # SO_PEERCRED records the credentials at connect() time, so connect under the uid too.
-    os.setegid(uid)
-    os.seteuid(uid)
-    try:
-        sock.setblocking(True)
+    sock.setblocking(True)
+    with acting_as(uid):
         sock.connect(path)
-    finally:
-        os.seteuid(0)
-        os.setegid(0)
     sock.setblocking(False)
     return await asyncio.open_unix_connection(sock=sock)
 

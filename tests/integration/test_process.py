@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -17,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.support import APP_UID, STRANGER_UID, python_for_uid
+from tests.support import APP_UID, STRANGER_UID, python_for_uid, socket_as_uid
 
 pytestmark = pytest.mark.usefixtures("root")
 
@@ -204,24 +203,24 @@ def test_sighup_reloads_rules_and_keeps_them_on_a_bad_file(setup: dict[str, Any]
     assert 'egress_config_reloads_total{result="error"} 1.0' in metrics
 
 
-def test_sigterm_stops_accepting_and_drains_open_tunnels(setup: dict[str, Any]) -> None:
-    proxy: ProxyProcess = setup["proxy"]
-    echo: Echo = setup["echo"]
-    os.setegid(APP_UID)
-    os.seteuid(APP_UID)
-    try:
-        tunnel = socket.socket()
-    finally:
-        os.seteuid(0)
-        os.setegid(0)
+def open_tunnel(socks_port: int, dest_port: int) -> socket.socket:
+    """A blocking SOCKS5 tunnel from a socket owned by the app's uid, handshake done."""
+    tunnel = socket_as_uid(APP_UID)
+    tunnel.setblocking(True)
     tunnel.settimeout(5)
-    tunnel.connect(("127.0.0.1", setup["socks"]))
+    tunnel.connect(("127.0.0.1", socks_port))
     tunnel.sendall(b"\x05\x01\x00")
     assert tunnel.recv(2) == b"\x05\x00"
     tunnel.sendall(
-        b"\x05\x01\x00\x01" + socket.inet_aton("127.0.0.1") + echo.port.to_bytes(2, "big")
+        b"\x05\x01\x00\x01" + socket.inet_aton("127.0.0.1") + dest_port.to_bytes(2, "big")
     )
     assert tunnel.recv(10)[1] == 0
+    return tunnel
+
+
+def test_sigterm_stops_accepting_and_drains_open_tunnels(setup: dict[str, Any]) -> None:
+    proxy: ProxyProcess = setup["proxy"]
+    tunnel = open_tunnel(setup["socks"], setup["echo"].port)
     proxy.proc.send_signal(signal.SIGTERM)
     proxy.wait_log(lambda e: e.get("msg") == "draining")
     # New connections are refused while the open tunnel still relays.
@@ -236,23 +235,8 @@ def test_sigterm_stops_accepting_and_drains_open_tunnels(setup: dict[str, Any]) 
 
 def test_sigterm_cuts_tunnels_after_the_drain_timeout(setup: dict[str, Any]) -> None:
     proxy: ProxyProcess = setup["proxy"]
-    os.setegid(APP_UID)
-    os.seteuid(APP_UID)
-    try:
-        tunnel = socket.socket()
-    finally:
-        os.seteuid(0)
-        os.setegid(0)
-    tunnel.settimeout(5)
-    tunnel.connect(("127.0.0.1", setup["socks"]))
-    tunnel.sendall(b"\x05\x01\x00")
-    tunnel.recv(2)
-    # A tunnel to an upstream that never closes: the echo server answers one read, then closes,
-    # so hold a tunnel in the handshake-complete state without sending anything.
-    tunnel.sendall(
-        b"\x05\x01\x00\x01" + socket.inet_aton("127.0.0.1") + setup["echo"].port.to_bytes(2, "big")
-    )
-    assert tunnel.recv(10)[1] == 0
+    # The echo server answers one read and then closes; sending nothing keeps this tunnel open.
+    tunnel = open_tunnel(setup["socks"], setup["echo"].port)
     started = time.monotonic()
     proxy.proc.send_signal(signal.SIGTERM)
     assert proxy.proc.wait(timeout=10) == 0

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import base64
-import random
-from collections.abc import Callable
 
 import h11
 import pytest
@@ -22,34 +20,7 @@ from egress.proto.http_proxy import (
     render_connect_ok,
     render_error,
 )
-
-Splitter = Callable[[bytes], list[bytes]]
-
-
-def _random_splits(seed: int) -> Splitter:
-    def split(data: bytes) -> list[bytes]:
-        rng = random.Random(seed)
-        chunks, i = [], 0
-        while i < len(data):
-            n = rng.randint(1, 23)
-            chunks.append(data[i : i + n])
-            i += n
-        return chunks
-
-    return split
-
-
-SPLITTERS: dict[str, Splitter] = {
-    "whole": lambda data: [data],
-    "one-byte": lambda data: [data[i : i + 1] for i in range(len(data))],
-    "random-1": _random_splits(1),
-    "random-2": _random_splits(2),
-}
-
-
-@pytest.fixture(params=list(SPLITTERS))
-def feeding(request: pytest.FixtureRequest) -> Splitter:
-    return SPLITTERS[request.param]
+from tests.unit.feeding import SPLITTERS, Splitter, random_splits
 
 
 def parse(
@@ -590,7 +561,7 @@ _prefixes = st.sampled_from(
 def test_fuzz_parser(prefix: bytes, tail: bytes, seed: int) -> None:
     parser = HttpProxyParser(max_header_bytes=256)
     try:
-        for chunk in [*_random_splits(seed)(prefix + tail), b""]:
+        for chunk in [*random_splits(seed)(prefix + tail), b""]:
             parser.receive_data(chunk)
             event = parser.next_event()
             if event is not NEED_DATA:
@@ -608,7 +579,7 @@ def test_fuzz_upstream_response(tail: bytes, seed: int) -> None:
         SPLITTERS["whole"], b"GET http://a/ HTTP/1.1\r\nHost: a\r\n\r\n"
     )
     try:
-        for chunk in _random_splits(seed)(b"HTTP/1.1 200 OK\r\n" + tail):
+        for chunk in random_splits(seed)(b"HTTP/1.1 200 OK\r\n" + tail):
             exchange.upstream_data(chunk)
         exchange.upstream_eof()
     except HttpProxyError as exc:

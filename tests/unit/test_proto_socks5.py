@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import random
 import struct
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address
 
@@ -36,34 +34,7 @@ from egress.proto.socks5 import (
     Socks5ProtocolError,
     Socks5Server,
 )
-
-Splitter = Callable[[bytes], list[bytes]]
-
-
-def _random_splits(seed: int) -> Splitter:
-    def split(data: bytes) -> list[bytes]:
-        rng = random.Random(seed)
-        chunks, i = [], 0
-        while i < len(data):
-            n = rng.randint(1, 7)
-            chunks.append(data[i : i + n])
-            i += n
-        return chunks
-
-    return split
-
-
-SPLITTERS: dict[str, Splitter] = {
-    "whole": lambda data: [data],
-    "one-byte": lambda data: [data[i : i + 1] for i in range(len(data))],
-    "random-1": _random_splits(1),
-    "random-2": _random_splits(2),
-}
-
-
-@pytest.fixture(params=list(SPLITTERS))
-def feeding(request: pytest.FixtureRequest) -> Splitter:
-    return SPLITTERS[request.param]
+from tests.unit.feeding import SPLITTERS, Splitter, random_splits
 
 
 @dataclass
@@ -351,7 +322,7 @@ def test_fuzz_only_events_or_protocol_error(prefix: bytes, tail: bytes, seed: in
     server = Socks5Server(max_buffer=1024)
     parsing = True
     try:
-        for chunk in _random_splits(seed)(data):
+        for chunk in random_splits(seed)(data):
             server.receive_data(chunk)
             while parsing:
                 event = server.next_event()
