@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
+import socket
+import subprocess
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -178,9 +180,15 @@ def test_socks5_over_unix_socket_uses_peercred(loop_kind: str, tmp_path: Path) -
             # Mode 0666 so both test uids can connect; the kernel's SO_PEERCRED decides.
             config = loopback_config(
                 upstream.port,
-                proxy={"unix_socket": path, "unix_socket_mode": "0666"},
+                proxy={
+                    "unix_socket": path,
+                    "unix_socket_mode": "0666",
+                    "unix_socket_group": str(OTHER_APP_UID),
+                },
             )
             async with running_proxy(config, tmp_path) as proxy:
+                status = Path(path).stat()
+                assert (status.st_mode & 0o777, status.st_gid) == (0o666, OTHER_APP_UID)
                 reader, writer = await open_unix_as_uid(APP_UID, path)
                 assert await socks5_connect(reader, writer, "127.0.0.1", upstream.port) == 0
                 assert await roundtrip(reader, writer, b"unix") == b"unix"
@@ -770,5 +778,129 @@ def test_plain_http_forwarding_malformed_response_is_a_502(loop_kind: str, tmp_p
         assert response.startswith(b"HTTP/1.1 502")
         assert b"Proxy-Status: egress; error=http_protocol_error" in response
         assert record["error"].startswith("protocol error")
+
+    run(loop_kind, main())
+
+
+def test_connect_timeout_reply(loop_kind: str, tmp_path: Path) -> None:
+    """10.66.0.1 exists in the namespace but drops every SYN: the dial times out."""
+
+    async def main() -> None:
+        config = base_config(
+            proxy={"connect_timeout": 0.3},
+            security={"allow_special": ["10.66.0.0/16"]},
+            app=[app("blog", APP_UID, ["10.66.0.1:80"])],
+        )
+        async with running_proxy(config, tmp_path) as proxy:
+            reader, writer = await open_as_uid(APP_UID, *proxy.address(ListenerKind.SOCKS5))
+            assert await socks5_connect(reader, writer, "10.66.0.1", 80) == 0x06
+            await close(writer)
+            reader, writer = await open_as_uid(APP_UID, *proxy.address(ListenerKind.HTTP))
+            status, headers, _ = await http_connect(reader, writer, "10.66.0.1:80")
+            await close(writer)
+            records = await proxy.wait_records(2)
+        assert status == 504
+        assert "error=connection_timeout" in headers["proxy-status"]
+        assert {r["reason"] for r in records} == {"connect_timeout"}
+
+    with network_namespace(extra_addresses=("10.66.0.1/32",)):
+        subprocess.run(["iptables", "-A", "OUTPUT", "-d", "10.66.0.1", "-j", "DROP"], check=True)
+        run(loop_kind, main())
+
+
+def test_next_checked_address_is_tried_when_one_fails(loop_kind: str, tmp_path: Path) -> None:
+    async def main() -> None:
+        # 127.0.0.2 has no listener on the upstream's port: refused, then 127.0.0.1 answers.
+        with DnsStub({"two.example.test": ["127.0.0.2", "127.0.0.1"]}) as dns:
+            async with (
+                EchoUpstream() as upstream,
+                running_proxy(
+                    loopback_config(
+                        upstream.port,
+                        resolver={"nameservers": [dns.address]},
+                        app=[app("blog", APP_UID, [f"two.example.test:{upstream.port}"])],
+                    ),
+                    tmp_path,
+                ) as proxy,
+            ):
+                reader, writer = await open_as_uid(APP_UID, *proxy.address(ListenerKind.SOCKS5))
+                assert await socks5_connect(reader, writer, b"two.example.test", upstream.port) == 0
+                assert await roundtrip(reader, writer, b"second") == b"second"
+                await close(writer)
+                (record,) = await proxy.wait_records(1)
+        assert record["dialed"] == f"127.0.0.1:{upstream.port}"
+
+    run(loop_kind, main())
+
+
+def test_both_legs_have_tcp_nodelay(loop_kind: str, tmp_path: Path) -> None:
+    async def main() -> None:
+        async with (
+            EchoUpstream() as upstream,
+            running_proxy(loopback_config(upstream.port), tmp_path) as proxy,
+        ):
+            reader, writer = await open_as_uid(APP_UID, *proxy.address(ListenerKind.SOCKS5))
+            assert await socks5_connect(reader, writer, "127.0.0.1", upstream.port) == 0
+            assert await roundtrip(reader, writer, b"x") == b"x"
+            server = proxy.runtime.server
+            assert server is not None
+            (connection,) = server.connections
+            assert connection.transport is not None and connection.dialled is not None
+            upstream_transport = connection.dialled.upstream.transport
+            assert upstream_transport is not None
+            for transport in (connection.transport, upstream_transport):
+                sock = transport.get_extra_info("socket")
+                assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+            await close(writer)
+
+    run(loop_kind, main())
+
+
+def test_a_stalled_upstream_bounds_what_the_proxy_buffers(loop_kind: str, tmp_path: Path) -> None:
+    """The upstream never reads; the client tries to push 64 MiB. The proxy must stop reading
+    from the client instead of buffering: its upstream write buffer stays near the high-water
+    mark and the client's own writes stall."""
+
+    async def main() -> None:
+        held: list[asyncio.StreamWriter] = []
+        release = asyncio.Event()
+
+        async def never_reads(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            held.append(writer)
+            await release.wait()
+            writer.close()
+
+        server = await asyncio.start_server(never_reads, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            async with running_proxy(loopback_config(port), tmp_path) as proxy:
+                reader, writer = await open_as_uid(APP_UID, *proxy.address(ListenerKind.SOCKS5))
+                assert await socks5_connect(reader, writer, "127.0.0.1", port) == 0
+                chunk = b"z" * 65536
+                sent = 0
+
+                async def push() -> None:
+                    nonlocal sent
+                    for _ in range(1024):  # at most 64 MiB
+                        writer.write(chunk)
+                        await writer.drain()
+                        sent += len(chunk)
+
+                pusher = asyncio.create_task(push())
+                await asyncio.sleep(1.0)
+                assert proxy.runtime.server is not None
+                (connection,) = proxy.runtime.server.connections
+                assert connection.dialled is not None and connection.dialled.upstream.transport
+                buffered = connection.dialled.upstream.transport.get_write_buffer_size()
+                pusher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await pusher
+                writer.transport.abort()
+                release.set()
+        finally:
+            server.close()
+            await server.wait_closed()
+        assert buffered <= 2 * 1024 * 1024, buffered
+        assert sent < 32 * 1024 * 1024, sent  # kernel buffers + bounded proxy buffer, not 64 MiB
 
     run(loop_kind, main())
