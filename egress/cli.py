@@ -12,6 +12,7 @@ from typing import Any
 from egress import __version__, oplog
 from egress.config import load_config, summarize
 from egress.errors import EgressError
+from egress.firewall.cli import add_firewall_commands
 
 
 def loop_factory(kind: str) -> Callable[[], asyncio.AbstractEventLoop]:
@@ -65,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="validate a config file and print a summary")
     check.add_argument("file")
     check.set_defaults(handler=_cmd_check_config)
+    add_firewall_commands(sub)
     return parser
 
 

@@ -299,6 +299,7 @@ class FirewallConfig:
     mode: FirewallMode = FirewallMode.EXPLICIT
     backend: FirewallBackend = FirewallBackend.AUTO
     interval: float = 10.0
+    metrics_listen: ListenAddress | None = None  # /metrics of `egress firewall run`; None: off
 
 
 @dataclass(frozen=True, slots=True)
@@ -882,6 +883,7 @@ def _read_firewall(t: _Table) -> FirewallConfig:
         mode=t.value("mode", _choice(FirewallMode), d.mode),
         backend=t.value("backend", _choice(FirewallBackend), d.backend),
         interval=t.value("interval", _seconds, d.interval),
+        metrics_listen=t.value("metrics_listen", _listen, d.metrics_listen),
     )
 
 

@@ -131,6 +131,7 @@ CASES = [
     ('[firewall]\nbackend = "nft"', "firewall.backend", "'nft'", '"iptc"'),
     ('[firewall]\nsandbox_uids = ["0-99"]', "firewall.sandbox_uids[0]", "'0-99'", "other than 0"),
     ("[firewall]\ninterval = -1", "firewall.interval", "-1", "seconds > 0"),
+    ('[firewall]\nmetrics_listen = "localhost:9091"', "firewall.metrics_listen", None, "IP"),
     ('[firewall]\nmode = "transparent"', "firewall.mode", "'transparent'", "transparent_listen"),
     ('[log]\nlevel = "verbose"', "log.level", "'verbose'", '"debug"'),
     ('[log]\nconnection_log = ""', "log.connection_log", "''", "non-empty"),
@@ -514,6 +515,7 @@ sandbox_uids = ["10000-19999", 30000]
 mode = "transparent"
 backend = "iptables-restore"
 interval = 2
+metrics_listen = "127.0.0.1:9091"
 
 [[app]]
 name = "blog"
@@ -537,6 +539,7 @@ def test_full_config(tmp_path: Path) -> None:
     assert [str(n) for n in config.security.special_exceptions.networks] == ["10.8.0.0/16"]
     assert config.firewall.mode is FirewallMode.TRANSPARENT
     assert config.firewall.sandbox_uids == (UidRange(10000, 19999), UidRange(30000, 30000))
+    assert config.firewall.metrics_listen == ListenAddress("127.0.0.1", 9091)
     ops, grafana = config.admin.tokens
     assert ops.sha256 == TOKEN_HASH
     assert ops.role is AdminRole.WRITE
