@@ -68,6 +68,12 @@ class TableState:
                 found.append((index, rule.line.removeprefix("-A OUTPUT ")))
         return found
 
+    def layout(self) -> tuple[tuple[tuple[str, tuple[str, ...]], ...], tuple[tuple[int, str], ...]]:
+        """What a diff depends on (our chains' lines and the jumps), without counters: two
+        reads with the same layout would produce the same edits."""
+        chains = tuple(sorted((name, tuple(self.lines(name))) for name in self.chains))
+        return chains, tuple(self.jumps())
+
     @property
     def rule_count(self) -> int:
         return sum(len(rules) for rules in self.chains.values()) + len(self.jumps())

@@ -56,7 +56,9 @@ class RestoreBackend:
     ) -> None:
         """One ``--noflush`` transaction. ``expected`` cannot be checked inside restore's own
         lock; a positional edit that raced with another writer is caught by the caller's
-        read-back verification and repaired by its retry."""
+        read-back verification and repaired by its retry. A transaction that fails while the
+        table no longer looks like ``expected`` lost a race (the legacy tools only say "line N
+        failed"), so it is a :class:`ConflictError` and the caller retries."""
         if not ops:
             return
         text = "\n".join([f"*{table}", *(op.restore_line() for op in ops), "COMMIT", ""])
@@ -67,6 +69,8 @@ class RestoreBackend:
             error = f"{command[0]} failed on the {family} {table} table: {message}"
             if any(hint in message for hint in _CONFLICT_HINTS):
                 raise ConflictError(error)
+            if expected is not None and self.read(family, table).layout() != expected.layout():
+                raise ConflictError(f"{error} (the table changed under us)")
             raise BackendError(error)
 
 
