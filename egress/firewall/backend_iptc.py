@@ -10,6 +10,13 @@ was computed from; if not, :class:`ConflictError` makes the caller re-read and r
 python-iptables has no type information, so all of it stays inside this module behind
 :class:`IptcBackend`. It acts on the network namespace of the calling *thread*.
 
+Each commit runs in a short-lived worker process (``python -m egress.firewall.backend_iptc``)
+that handles one address family: libxtables keeps extensions in process-wide state, and once
+an IPv4 target such as ``REDIRECT`` is loaded the IPv6 one can no longer be found in the same
+process (python-iptables' maintainers advise one family per process). The worker is a child of
+the calling thread, so it inherits that thread's network namespace. Passes with nothing to
+change start no worker.
+
 Reading goes through ``iptables-legacy-save``: ~10 ms for 1,000 rules where a libiptc walk
 with python-iptables takes ~400 ms.
 """
@@ -17,10 +24,14 @@ with python-iptables takes ~400 ms.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import fcntl
+import json
 import os
 import shlex
+import subprocess
+import sys
 import time
 import warnings
 from collections.abc import Iterator
@@ -61,24 +72,19 @@ def xtables_lock(timeout: float = _LOCK_TIMEOUT) -> Iterator[None]:
         os.close(fd)  # releases the flock
 
 
+_EXIT_CONFLICT: Final = 3
+_EXIT_BACKEND_ERROR: Final = 4
+_WORKER_TIMEOUT: Final = 60.0
+
+
 class IptcBackend:
-    """Writes through libiptc; reads through ``iptables-legacy-save``."""
+    """Writes through libiptc (in a per-family worker process); reads through
+    ``iptables-legacy-save``."""
 
     name = "iptc"
 
     def __init__(self) -> None:
-        try:
-            # python-iptables 1.x has regex strings with invalid escapes: compiling it warns.
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", DeprecationWarning)
-                warnings.simplefilter("ignore", SyntaxWarning)
-                import iptc  # noqa: PLC0415 - optional dependency, loaded only when chosen
-        except Exception as error:  # python-iptables raises plain Exceptions when libs are missing
-            raise BackendError(
-                f"backend iptc: python-iptables is not usable ({error}); install the 'firewall'"
-                ' extra, or use backend = "iptables-restore"'
-            ) from None
-        self._iptc: Any = iptc
+        _import_iptc()
 
     def read(self, family: Family, table: Table) -> TableState:
         return parse_save(run_save(family, "legacy", table), family, table)
@@ -88,10 +94,62 @@ class IptcBackend:
     ) -> None:
         if not ops:
             return
+        request = {
+            "ops": [dataclasses.asdict(op) for op in ops],
+            "expected": None if expected is None else _layout_text(expected),
+        }
+        try:
+            result = subprocess.run(
+                [sys.executable, "-m", "egress.firewall.backend_iptc", family, table],
+                input=json.dumps(request),
+                capture_output=True,
+                text=True,
+                timeout=_WORKER_TIMEOUT,
+                check=False,
+            )
+        except subprocess.TimeoutExpired:
+            raise BackendError(
+                f"backend iptc: the {family} {table} commit did not finish within"
+                f" {_WORKER_TIMEOUT:.0f} s"
+            ) from None
+        message = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else ""
+        if result.returncode == _EXIT_CONFLICT:
+            raise ConflictError(message)
+        if result.returncode != 0:
+            raise BackendError(message or f"backend iptc worker exited {result.returncode}")
+
+
+def _layout_text(state: TableState) -> str:
+    return json.dumps(state.layout())
+
+
+def _import_iptc() -> Any:
+    try:
+        # python-iptables 1.x has regex strings with invalid escapes: compiling it warns.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.simplefilter("ignore", SyntaxWarning)
+            import iptc  # noqa: PLC0415 - optional dependency, loaded only when chosen
+    except Exception as error:  # python-iptables raises plain Exceptions when libs are missing
+        raise BackendError(
+            f"backend iptc: python-iptables is not usable ({error}); install the 'firewall'"
+            ' extra, or use backend = "iptables-restore"'
+        ) from None
+    return iptc
+
+
+class _Worker:
+    """The libiptc side, run inside the worker process for one family."""
+
+    def __init__(self) -> None:
+        self._iptc: Any = _import_iptc()
+
+    def apply(self, family: Family, table: Table, ops: list[Op], expected: str | None) -> None:
         iptc = self._iptc
         table_class = iptc.Table if family == "ipv4" else iptc.Table6
         with xtables_lock():
-            if expected is not None and not _same(self.read(family, table), expected):
+            current = parse_save(run_save(family, "legacy", table), family, table)
+            if expected is not None and _layout_text(current) != expected:
                 raise ConflictError(f"the {family} {table} table changed while we planned")
             handle = table_class(table, autocommit=False)
             try:
@@ -161,8 +219,21 @@ class IptcBackend:
         return rule
 
 
-def _same(a: TableState, b: TableState) -> bool:
-    """Our chains and our OUTPUT jumps are the same in both (counters ignored)."""
-    return {name: a.lines(name) for name in a.chains} == {
-        name: b.lines(name) for name in b.chains
-    } and a.jumps() == b.jumps()
+def _worker_main(argv: list[str]) -> int:
+    """``python -m egress.firewall.backend_iptc FAMILY TABLE`` with the ops as JSON on stdin."""
+    family, table = argv
+    request = json.loads(sys.stdin.read())
+    ops = [Op(**op) for op in request["ops"]]
+    try:
+        _Worker().apply(family, table, ops, request["expected"])  # type: ignore[arg-type]
+    except ConflictError as error:
+        print(error, file=sys.stderr)
+        return _EXIT_CONFLICT
+    except BackendError as error:
+        print(error, file=sys.stderr)
+        return _EXIT_BACKEND_ERROR
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_worker_main(sys.argv[1:]))

@@ -57,6 +57,7 @@ LOCAL_PORT = 6379  # a local service on 127.0.0.1 that is not the proxy (think R
 DNS_PORT = 53
 SOCKS_PORT = 1080
 HTTP_PORT = 3128
+TRANSPARENT_PORT = 15001
 
 BLOG_UID = 10001  # app "blog"
 REPORTS_UID = 10002  # app "reports": sandboxed, never used to attack; its counter stays 0
@@ -538,13 +539,16 @@ class Node:
         self.proxy.wait(timeout=10)
 
 
-def write_config(path: Path, backend: str, log: Path) -> None:
+def write_config(path: Path, backend: str, log: Path, mode: str = "explicit") -> None:
+    transparent = f'"[::]:{TRANSPARENT_PORT}"' if mode == "transparent" else None
+    transparent_line = f"transparent_listen = {transparent}" if transparent else ""
     path.write_text(
         textwrap.dedent(
             f"""
             [proxy]
             socks5_listen = ["127.0.0.1:{SOCKS_PORT}"]
             http_listen = ["127.0.0.1:{HTTP_PORT}"]
+            {transparent_line}
             handshake_timeout = 2.0
             connect_timeout = 2.0
             drain_timeout = 1.0
@@ -555,6 +559,7 @@ def write_config(path: Path, backend: str, log: Path) -> None:
             [firewall]
             sandbox_uids = ["{SANDBOX_RANGE[0]}-{SANDBOX_RANGE[1]}"]
             backend = "{backend}"
+            mode = "{mode}"
 
             [log]
             connection_log = "{log}"
@@ -615,7 +620,7 @@ def _start_proxy(node: Node) -> None:
 
 
 @contextlib.contextmanager
-def firewalled_node(tmp: Path, backend: str) -> Iterator[Node]:
+def firewalled_node(tmp: Path, backend: str, mode: str = "explicit") -> Iterator[Node]:
     """A namespace with upstream, proxy and a foreign OUTPUT rule, then ``firewall sync``;
     everything started is killed by pid and the namespace (with every rule in it) deleted."""
     tmp.mkdir(parents=True, exist_ok=True)
@@ -633,7 +638,7 @@ def firewalled_node(tmp: Path, backend: str) -> Iterator[Node]:
         # Let every group open ICMP datagram sockets, so a blocked ping is blocked by the
         # firewall and not by a permission check.
         ns.check(["sysctl", "-q", "-w", "net.ipv4.ping_group_range=0 2147483647"])
-        write_config(node.config, backend, tmp / "connections.log")
+        write_config(node.config, backend, tmp / "connections.log", mode)
         node.upstream_log.touch()
         upstream = ns.popen(
             [
@@ -990,3 +995,55 @@ def test_sync_with_a_bad_config_fails_and_installs_nothing(tmp_path: Path) -> No
 
 def _strip(line: str) -> str:
     return re.sub(r"^(\w+: )\[\d+:\d+\] ", r"\1", re.sub(r" \[\d+:\d+\]$", "", line))
+
+
+# --- transparent mode ---------------------------------------------------------------------------
+@pytest.fixture(params=BACKENDS)
+def transparent_node(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Node]:
+    """A node whose firewall runs in transparent mode ([::]:15001 serves both families)."""
+    with firewalled_node(tmp_path / "node", request.param, mode="transparent") as made:
+        yield made
+
+
+def connection_records(node: Node, count: int) -> list[dict[str, Any]]:
+    """The proxy's connection log (it flushes every half second)."""
+    path = node.tmp / "connections.log"
+    deadline = time.monotonic() + 5
+    records: list[dict[str, Any]] = []
+    while time.monotonic() < deadline:
+        if path.exists():
+            records = [json.loads(line) for line in path.read_text().splitlines() if line]
+            if len(records) >= count:
+                return records
+        time.sleep(0.05)
+    raise AssertionError(f"expected {count} connection log lines, got {records}")
+
+
+def test_transparent_mode_unmodified_curl_goes_through_the_proxy(transparent_node: Node) -> None:
+    """curl with no proxy settings, under the app's uid: the controller's nat rules hand its
+    connections to the transparent listener, which allows the app's upstream over IPv4 and
+    IPv6 and refuses a port the app may not use; the explicit SOCKS5 path still works."""
+    ok4, ok6, denied, socks = transparent_node.probes(
+        BLOG_UID,
+        [
+            probe("curl", url=f"http://{UPSTREAM_V4}:{ECHO_PORT}/"),
+            probe("curl", url=f"http://[{UPSTREAM_V6}]:{ECHO_PORT}/"),
+            probe("curl", url=f"http://{UPSTREAM_V4}:{FOREIGN_PORT}/"),
+            probe("socks5", proxy_port=SOCKS_PORT, host=UPSTREAM_V4, port=ECHO_PORT),
+        ],
+    )
+    assert (ok4["outcome"], ok6["outcome"]) == ("ok", "ok"), describe([ok4, ok6])
+    assert denied["outcome"].startswith("curl-exit-"), describe([denied])
+    assert socks["outcome"] == "ok", describe([socks])
+    records = connection_records(transparent_node, 4)
+    transparent = {r["dest"]: r for r in records if r["listener"] == "transparent"}
+    assert set(transparent) == {
+        f"{UPSTREAM_V4}:{ECHO_PORT}",
+        f"[{UPSTREAM_V6}]:{ECHO_PORT}",
+        f"{UPSTREAM_V4}:{FOREIGN_PORT}",
+    }
+    assert {r["uid"] for r in transparent.values()} == {BLOG_UID}
+    assert transparent[f"{UPSTREAM_V4}:{FOREIGN_PORT}"]["reason"] == "not_allowed"
+    assert transparent[f"{UPSTREAM_V4}:{ECHO_PORT}"]["reason"] == "allowed"
+    # The upstream never saw the denied port: the proxy refused before dialling.
+    assert not any(f" {FOREIGN_PORT} " in line for line in transparent_node.upstream_hits())
