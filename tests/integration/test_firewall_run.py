@@ -1,0 +1,163 @@
+"""`egress firewall run`: the reconcile loop repairs drift, follows config changes, keeps the
+last good plan on a bad config, exports metrics, and leaves the rules in place on SIGTERM.
+
+Runs as root inside a network namespace the test creates (nft variant, the host default).
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support import APP_UID, OTHER_APP_UID, network_namespace, socket_as_uid
+
+pytestmark = pytest.mark.usefixtures("root")
+
+METRICS_PORT = 19091
+REPO = Path(__file__).resolve().parents[2]
+
+
+def write_config(path: Path, *, apps: dict[str, int], extra: str = "") -> None:
+    tables = "".join(
+        f'\n[[app]]\nname = "{name}"\nuids = ["{uid}"]\nallow = ["10.77.0.1:80"]\n'
+        for name, uid in apps.items()
+    )
+    path.write_text(
+        textwrap.dedent(
+            f"""
+            [proxy]
+            socks5_listen = ["127.0.0.1:1080"]
+            [firewall]
+            sandbox_uids = ["10000-10999"]
+            interval = 0.3
+            metrics_listen = "127.0.0.1:{METRICS_PORT}"
+            """
+        )
+        + tables
+        + extra
+    )
+
+
+def metrics() -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=2) as reply:
+        return reply.read().decode()
+
+
+def metric(text: str, name: str, labels: str = "") -> float:
+    pattern = re.escape(name + (f"{{{labels}}}" if labels else "")) + r" ([0-9.e+]+)"
+    match = re.search(pattern, text)
+    return float(match[1]) if match else 0.0
+
+
+def eventually(check: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return
+        except OSError:
+            pass  # the metrics endpoint is not up yet
+        time.sleep(0.05)
+    raise AssertionError(f"not within {timeout}s: {what}")
+
+
+def egress_lines() -> list[str]:
+    saved = subprocess.run(["iptables-save", "-t", "filter"], capture_output=True, text=True)
+    return [line for line in saved.stdout.splitlines() if "egress" in line]
+
+
+@pytest.fixture
+def controller(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], Path]]:
+    config = tmp_path / "egress.toml"
+    write_config(config, apps={"blog": APP_UID})
+    with network_namespace(extra_addresses=("10.77.0.1/32",)):
+        process = subprocess.Popen(
+            [sys.executable, "-m", "egress.cli", "firewall", "run", "--config", str(config)],
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            eventually(lambda: metric(metrics(), "egress_firewall_sync_total", 'result="ok"') >= 1,
+                       "first sync")  # fmt: skip
+            yield process, config
+        finally:
+            if process.poll() is None:
+                process.kill()
+            process.wait(timeout=10)
+            assert process.stderr is not None
+            process.stderr.close()
+
+
+def test_run_repairs_drift_and_counts_it(
+    controller: tuple[subprocess.Popen[str], Path],
+) -> None:
+    installed = egress_lines()
+    sandbox = [line for line in installed if line.startswith("-A EGRESS-SANDBOX ")]
+    position, victim = next((n, line) for n, line in enumerate(sandbox, 1) if "app=blog" in line)
+    subprocess.run(["iptables", "-D", "EGRESS-SANDBOX", str(position)], check=True)
+    assert victim not in egress_lines()
+    eventually(lambda: victim in egress_lines(), "the deleted rule is put back")
+    text = metrics()
+    assert metric(text, "egress_firewall_drift_repairs_total", 'family="ipv4",table="filter"') >= 1
+    assert metric(text, "egress_firewall_rules", 'family="ipv4",table="filter"') == len(installed)
+    assert metric(text, "egress_firewall_backend_info", 'backend="iptables-restore (nft)"') == 1
+    assert metric(text, "egress_firewall_last_sync_success_timestamp_seconds") > 0
+
+
+def test_run_follows_config_changes_and_keeps_the_last_good_plan(
+    controller: tuple[subprocess.Popen[str], Path],
+) -> None:
+    _, config = controller
+    write_config(config, apps={"blog": APP_UID, "shop": OTHER_APP_UID})
+    eventually(lambda: any("app=shop" in line for line in egress_lines()), "new app installed")
+    before = metrics()
+    assert (
+        metric(before, "egress_firewall_drift_repairs_total", 'family="ipv4",table="filter"') == 0
+    )
+    write_config(config, apps={"blog": APP_UID}, extra="\nbogus = 1\n")
+    eventually(
+        lambda: metric(metrics(), "egress_firewall_sync_total", 'result="config_error"') >= 1,
+        "the bad config is counted",
+    )
+    assert any("app=shop" in line for line in egress_lines()), "last good plan kept"
+
+
+def test_run_exports_blocked_packets_per_app(
+    controller: tuple[subprocess.Popen[str], Path],
+) -> None:
+    for _ in range(3):
+        sock = socket_as_uid(APP_UID)
+        sock.setblocking(True)
+        sock.settimeout(2)
+        with pytest.raises(ConnectionRefusedError):
+            sock.connect(("10.77.0.1", 80))
+        sock.close()
+    eventually(
+        lambda: metric(metrics(), "egress_firewall_blocked_packets", 'app="blog"') >= 3,
+        "blocked packets counted for blog",
+    )
+
+
+def test_sigterm_leaves_the_rules_in_place(controller: tuple[subprocess.Popen[str], Path]) -> None:
+    process, _ = controller
+    installed = egress_lines()
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=10) == 0
+    assert egress_lines() == installed  # fail closed: a stopped controller opens nothing
+    sock = socket_as_uid(APP_UID)
+    sock.setblocking(True)
+    sock.settimeout(2)
+    with pytest.raises(ConnectionRefusedError):
+        sock.connect(("10.77.0.1", 80))
+    sock.close()
