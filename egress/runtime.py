@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import time
 from pathlib import Path
@@ -14,13 +15,25 @@ from aiohttp import web
 from egress.admin.app import build_admin_app
 from egress.config import Config, load_config
 from egress.connlog import ConnectionLog
-from egress.errors import ConfigError
+from egress.errors import ConfigError, EgressError
 from egress.metrics import ProxyMetrics
 from egress.policy import PolicySnapshot
 from egress.resolver import Resolver
 from egress.server import ListenerError, ProxyServer
 
 log = logging.getLogger("egress.runtime")
+
+
+def check_proxy_uid(config: Config, uid: int) -> None:
+    """The firewall confines ``[firewall].sandbox_uids``; a proxy running as one of them would
+    have its own upstream connections rejected, so refuse to start rather than fail each one."""
+    for uids in config.firewall.sandbox_uids:
+        if uids.contains(uid):
+            raise EgressError(
+                f"{config.source}: firewall.sandbox_uids: the proxy runs as uid {uid}, which is"
+                f" inside {uids}; the firewall would reject the proxy's own connections. Run the"
+                " proxy as a uid outside the sandbox ranges (or root)."
+            )
 
 
 class ProxyRuntime:
@@ -38,6 +51,7 @@ class ProxyRuntime:
 
     async def start(self) -> None:
         config = self.config
+        check_proxy_uid(config, os.geteuid())
         resolver_config = config.resolver
         self.resolver = Resolver(
             nameservers=[str(server) for server in resolver_config.nameservers],

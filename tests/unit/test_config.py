@@ -577,3 +577,20 @@ def test_summary_of_the_example() -> None:
     assert "socks5       127.0.0.1:1080" in text
     assert "reports: uids 10010, 10011-10019; mode report" in text
     assert "allow 198.51.100.7:*" in text
+
+
+def test_a_proxy_running_as_a_sandbox_uid_refuses_to_start() -> None:
+    from egress.errors import EgressError
+    from egress.runtime import check_proxy_uid
+
+    config = parse_config(
+        {
+            "proxy": {"socks5_listen": ["127.0.0.1:1080"]},
+            "firewall": {"sandbox_uids": ["10000-10999"]},
+        },
+        source="/etc/egress.toml",
+    )
+    check_proxy_uid(config, 0)
+    check_proxy_uid(config, 20000)
+    with pytest.raises(EgressError, match=r"firewall.sandbox_uids: the proxy runs as uid 10500"):
+        check_proxy_uid(config, 10500)
