@@ -33,6 +33,7 @@ class Outcome(StrEnum):
     RATE_LIMITED = "rate_limited"
     SHUTTING_DOWN = "shutting_down"
     CONNECTION_LIMIT = "connection_limit"  # [proxy].max_connections reached at accept
+    CLIENT_CLOSED = "client_closed"  # the client hung up before a reply (scanners, impatience)
     IDENTITY_ERROR = "identity_error"  # the kernel could not say who owns the client socket
 
 
@@ -78,5 +79,6 @@ WIRE: dict[Outcome, WireReply] = {
     Outcome.RATE_LIMITED: WireReply(SOCKS5_NOT_ALLOWED, 429, "connection_limit_reached"),
     Outcome.SHUTTING_DOWN: WireReply(SOCKS5_GENERAL_FAILURE, 503, "proxy_internal_error"),
     Outcome.CONNECTION_LIMIT: WireReply(SOCKS5_GENERAL_FAILURE, 503, "connection_limit_reached"),
+    Outcome.CLIENT_CLOSED: WireReply(SOCKS5_GENERAL_FAILURE, 400, "http_request_error"),  # unsent
     Outcome.IDENTITY_ERROR: WireReply(SOCKS5_NOT_ALLOWED, 403, "http_request_denied"),
 }

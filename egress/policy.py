@@ -53,6 +53,7 @@ class Verdict:
     reported: bool = False
     addresses: tuple[IPAddress, ...] = ()
     detail: str | None = None
+    would_deny: Outcome | None = None  # report mode: why enforce mode would have denied it
 
     @property
     def decision(self) -> str:
@@ -89,6 +90,7 @@ def _from_decision(decision: Decision, addresses: tuple[IPAddress, ...] = ()) ->
         rule=decision.rule,
         reported=decision.reported,
         addresses=addresses if decision.allowed else (),
+        would_deny=_REASON_TO_OUTCOME[decision.reason] if decision.reported else None,
     )
 
 

@@ -70,6 +70,7 @@ class ClientConnection(asyncio.Protocol):
         "outcome",
         "rule",
         "server",
+        "snapshot",
         "started_wall",
         "transport",
         "tunnel",
@@ -80,6 +81,8 @@ class ClientConnection(asyncio.Protocol):
     def __init__(self, server: ProxyServer, kind: ListenerKind) -> None:
         self.server = server
         self.kind = kind
+        # Decided entirely under the rules current at accept; a reload applies to new clients.
+        self.snapshot = server.snapshot
         self.transport: asyncio.Transport | None = None
         self.uid: int | None = None
         self.app: AppRuntime | None = None
@@ -115,15 +118,19 @@ class ClientConnection(asyncio.Protocol):
             log.warning("identity lookup failed", extra={"error": repr(exc)[:200]})
             self.identity_error = f"identity lookup failed: {type(exc).__name__}"
         if self.uid is not None:
-            self.app = server.snapshot.app_for_uid(self.uid)
+            self.app = self.snapshot.app_for_uid(self.uid)
         self._handshake_timer = server.loop.call_later(
             server.settings.handshake_timeout, self._handshake_timed_out
         )
 
     def eof_received(self) -> bool:
         if self.outcome is None:
-            self.outcome = Outcome.BAD_REQUEST
-            self.detail = "client closed before completing the handshake"
+            self.outcome = Outcome.CLIENT_CLOSED
+            self.detail = (
+                "client closed before completing the handshake"
+                if self.destination is None
+                else "client closed before the upstream connected"
+            )
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -133,8 +140,12 @@ class ClientConnection(asyncio.Protocol):
         if self._task is not None:
             self._task.cancel()
         if self.outcome is None:
-            self.outcome = Outcome.BAD_REQUEST
-            self.detail = "client went away during the handshake"
+            self.outcome = Outcome.CLIENT_CLOSED
+            self.detail = (
+                "client went away during the handshake"
+                if self.destination is None
+                else "client went away before the upstream connected"
+            )
         self.finish()
 
     # --- hooks for subclasses ---------------------------------------------------------------
@@ -213,7 +224,7 @@ class ClientConnection(asyncio.Protocol):
     ) -> None:
         server = self.server
         verdict = await evaluate(
-            server.snapshot,
+            self.snapshot,
             app,
             host,
             port,
@@ -302,9 +313,10 @@ class ClientConnection(asyncio.Protocol):
             decision = verdict.decision if verdict is not None else "allowed"
         else:
             decision = "denied"
+        # Report mode: the tunnel ran, but the reason says why enforce mode would have denied it.
         reason = str(outcome)
-        if verdict is not None and verdict.reported and outcome is Outcome.ALLOWED:
-            reason = "reported"
+        if verdict is not None and verdict.would_deny is not None and outcome is Outcome.ALLOWED:
+            reason = str(verdict.would_deny)
         server.metrics.connection(self.app_name, self.kind, decision, reason)
         tunnel = self.tunnel
         dialled = self.dialled
@@ -320,7 +332,7 @@ class ClientConnection(asyncio.Protocol):
                 else (f"{dialled.address}:{dialled.port}" if dialled is not None else None)
             ),
             "decision": decision,
-            "reason": str(outcome),
+            "reason": reason,
             "rule": self.rule,
             "bytes_up": tunnel.bytes_up if tunnel is not None else 0,
             "bytes_down": tunnel.bytes_down if tunnel is not None else 0,
@@ -463,14 +475,12 @@ class HttpConnection(ClientConnection):
             parser.receive_data(data)
             event = parser.next_event()
         except http_proxy.HttpProxyError as exc:
-            self.outcome = Outcome.BAD_REQUEST
+            self.outcome = exc.outcome
             self.detail = exc.reason
             if not transport.is_closing():
                 transport.write(
                     http_proxy.render_error(
-                        exc.status,
-                        exc.reason,
-                        proxy_status=WIRE[Outcome.BAD_REQUEST].proxy_status_error,
+                        exc.status, exc.reason, proxy_status=WIRE[exc.outcome].proxy_status_error
                     )
                 )
             transport.close()
@@ -502,11 +512,9 @@ class HttpConnection(ClientConnection):
         return None if self._exchange is None else _ForwardFilter(self._exchange)
 
     def first_upstream_bytes(self, early: bytes) -> bytes:
-        if self._exchange is None:
-            return early
-        # The exchange filters client bytes itself; hand it the request head plus any body bytes
-        # already parsed, as upstream bytes that bypass the filter.
-        return b""
+        # Plain forwarding: send_success already wrote exchange.start() (the rewritten head and
+        # any body bytes the parser holds); later client bytes go through the filter.
+        return early if self._exchange is None else b""
 
     def send_success(self, dialled: Dialled) -> None:
         assert self.transport is not None and dialled.upstream.transport is not None

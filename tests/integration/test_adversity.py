@@ -206,3 +206,21 @@ def test_no_file_descriptor_leak_after_many_connections(loop_kind: str, tmp_path
         assert after - before <= 2, (before, after)
 
     run(loop_kind, main())
+
+
+def test_client_that_hangs_up_is_client_closed_not_an_error(loop_kind: str, tmp_path: Path) -> None:
+    """Port scanners and health checks connect and close: that is not a protocol violation."""
+
+    async def main() -> None:
+        async with (
+            EchoUpstream() as upstream,
+            running_proxy(config(upstream.port), tmp_path) as proxy,
+        ):
+            for listener in (ListenerKind.SOCKS5, ListenerKind.HTTP):
+                _, writer = await open_as_uid(APP_UID, *proxy.address(listener))
+                writer.close()
+            records = await proxy.wait_records(2)
+        assert {r["reason"] for r in records} == {"client_closed"}
+        assert {r["decision"] for r in records} == {"denied"}
+
+    run(loop_kind, main())

@@ -108,8 +108,13 @@ def test_run_repairs_drift_and_counts_it(
     subprocess.run(["iptables", "-D", "EGRESS-SANDBOX", str(position)], check=True)
     assert victim not in egress_lines()
     eventually(lambda: victim in egress_lines(), "the deleted rule is put back")
+    # The pass records its metrics just after its commit lands: wait for them too.
+    drift = 'family="ipv4",table="filter"'
+    eventually(
+        lambda: metric(metrics(), "egress_firewall_drift_repairs_total", drift) >= 1,
+        "the repair is counted as drift",
+    )
     text = metrics()
-    assert metric(text, "egress_firewall_drift_repairs_total", 'family="ipv4",table="filter"') >= 1
     assert metric(text, "egress_firewall_rules", 'family="ipv4",table="filter"') == len(installed)
     assert metric(text, "egress_firewall_backend_info", 'backend="iptables-restore (nft)"') == 1
     assert metric(text, "egress_firewall_last_sync_success_timestamp_seconds") > 0

@@ -683,9 +683,10 @@ def test_report_mode_allows_and_reports_but_keeps_special_ranges_closed(
                 assert await socks5_connect(reader, writer, "10.1.2.3", 80) == 0x02
                 await close(writer)
                 first, second = await proxy.wait_records(2)
+        # Let through, and the reason says why enforce mode would have denied it.
         assert (first["decision"], first["reason"], first.get("reported")) == (
             "reported",
-            "allowed",
+            "not_allowed",
             True,
         )
         assert (second["decision"], second["reason"]) == ("denied", "special_address")
