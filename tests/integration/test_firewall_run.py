@@ -75,6 +75,18 @@ def egress_lines() -> list[str]:
     return [line for line in saved.stdout.splitlines() if "egress" in line]
 
 
+def assert_app_is_blocked() -> None:
+    """A direct connection from the app's uid is reset by the firewall at once."""
+    sock = socket_as_uid(APP_UID)
+    sock.setblocking(True)
+    sock.settimeout(2)
+    try:
+        with pytest.raises(ConnectionRefusedError):
+            sock.connect(("10.77.0.1", 80))
+    finally:
+        sock.close()
+
+
 @pytest.fixture
 def controller(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], Path]]:
     config = tmp_path / "egress.toml"
@@ -142,12 +154,7 @@ def test_run_exports_blocked_packets_per_app(
     controller: tuple[subprocess.Popen[str], Path],
 ) -> None:
     for _ in range(3):
-        sock = socket_as_uid(APP_UID)
-        sock.setblocking(True)
-        sock.settimeout(2)
-        with pytest.raises(ConnectionRefusedError):
-            sock.connect(("10.77.0.1", 80))
-        sock.close()
+        assert_app_is_blocked()
     eventually(
         lambda: metric(metrics(), "egress_firewall_blocked_packets", 'app="blog"') >= 3,
         "blocked packets counted for blog",
@@ -160,9 +167,4 @@ def test_sigterm_leaves_the_rules_in_place(controller: tuple[subprocess.Popen[st
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=10) == 0
     assert egress_lines() == installed  # fail closed: a stopped controller opens nothing
-    sock = socket_as_uid(APP_UID)
-    sock.setblocking(True)
-    sock.settimeout(2)
-    with pytest.raises(ConnectionRefusedError):
-        sock.connect(("10.77.0.1", 80))
-    sock.close()
+    assert_app_is_blocked()
