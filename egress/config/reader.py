@@ -1,392 +1,60 @@
-"""The TOML config file: load it, check every key, and hand back typed, immutable settings.
+"""Read a TOML config file into :mod:`egress.config.model`, checking every key.
 
 A bad config stops the process at start-up with *every* problem listed: file, key path, the value
 found, what was expected, and the nearest valid key for a misspelt one. Parsing walks the TOML
 tree with one small reader (:class:`_Table`) that converts values, records problems instead of
 raising at the first, and remembers which keys it was asked for, so unknown keys are found
 without a second list of names to keep in sync.
-
-Defaults live in one place: the dataclass field defaults below.
 """
 
 from __future__ import annotations
 
-import bisect
 import difflib
-import ipaddress
 import json
 import math
 import os
 import re
-import socket
 import tomllib
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
+from egress.config.model import (
+    MAX_UID,
+    UNIX_PATH_MAX,
+    AdminConfig,
+    AdminRole,
+    AdminToken,
+    AppConfig,
+    AppLimits,
+    Config,
+    FirewallBackend,
+    FirewallConfig,
+    FirewallMode,
+    ListenAddress,
+    LogConfig,
+    LogLevel,
+    ProxyAuth,
+    ProxyConfig,
+    RatelimitBackend,
+    RatelimitConfig,
+    RedisConfig,
+    RedisErrorPolicy,
+    ResolverConfig,
+    RulesConfig,
+    RuleStore,
+    SecurityConfig,
+    UidRange,
+    _no_exceptions,
+    _redact_url,
+)
 from egress.errors import ConfigError, ConfigProblem, value_repr
 from rules.decide import Mode
 from rules.model import Rule
 from rules.parse import RuleSyntaxError, parse_rule
 from rules.special import SpecialExceptions
-
-__all__ = [
-    "AdminConfig",
-    "AdminRole",
-    "AdminToken",
-    "AppConfig",
-    "AppLimits",
-    "Config",
-    "FirewallBackend",
-    "FirewallConfig",
-    "FirewallMode",
-    "ListenAddress",
-    "LogConfig",
-    "LogLevel",
-    "ProxyAuth",
-    "ProxyConfig",
-    "RatelimitBackend",
-    "RatelimitConfig",
-    "RedisConfig",
-    "RedisErrorPolicy",
-    "ResolverConfig",
-    "RuleStore",
-    "RulesConfig",
-    "SecurityConfig",
-    "UidRange",
-    "load_config",
-    "parse_config",
-    "summarize",
-]
-
-MAX_UID: Final = 2**32 - 1
-UNIX_PATH_MAX: Final = 107  # sun_path is 108 bytes on Linux, one of them the terminating NUL
-
-
-# --- choices ---------------------------------------------------------------------------------
-
-
-class LogLevel(StrEnum):
-    DEBUG = "debug"
-    INFO = "info"
-    WARNING = "warning"
-    ERROR = "error"
-
-
-class RuleStore(StrEnum):
-    FILE = "file"  # the [[app]] tables of this file; "redis" is planned, not yet available
-
-
-class RatelimitBackend(StrEnum):
-    MEMORY = "memory"
-    REDIS = "redis"
-
-
-class RedisErrorPolicy(StrEnum):
-    """What the limiter does while Redis is unreachable."""
-
-    LOCAL = "local"  # fall back to per-node buckets
-    DENY = "deny"
-    ALLOW = "allow"
-
-
-class AdminRole(StrEnum):
-    READ = "read"
-    WRITE = "write"
-
-
-class FirewallMode(StrEnum):
-    EXPLICIT = "explicit"  # apps talk to the proxy; everything else from a sandbox uid is rejected
-    TRANSPARENT = "transparent"  # sandbox TCP is REDIRECTed to proxy.transparent_listen
-
-
-class FirewallBackend(StrEnum):
-    IPTC = "iptc"
-    IPTABLES_RESTORE = "iptables-restore"
-    AUTO = "auto"
-
-
-# --- value types -----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class ListenAddress:
-    """An IP literal and a port. ``host`` is canonical (``ipaddress`` compressed form)."""
-
-    host: str
-    port: int
-
-    @property
-    def family(self) -> socket.AddressFamily:
-        return socket.AF_INET6 if ":" in self.host else socket.AF_INET
-
-    def __str__(self) -> str:
-        if ":" in self.host:
-            return f"[{self.host}]:{self.port}"
-        return f"{self.host}:{self.port}"
-
-    @classmethod
-    def parse(
-        cls, text: str, *, default_port: int | None = None, min_port: int = 0
-    ) -> ListenAddress:
-        """Parse ``"HOST:PORT"`` or ``"[V6]:PORT"``; HOST must be an IP literal, strictly spelt.
-
-        With ``default_port``, a bare ``"IP"`` (IPv6 with or without brackets) is accepted too.
-        Raises ``ValueError`` with a readable message.
-        """
-        if text.startswith("["):
-            host_text, bracket, rest = text[1:].partition("]")
-            if not bracket:
-                raise ValueError("missing ']' after the IPv6 address")
-            if rest == "" and default_port is not None:
-                return cls(str(_parse_ip(host_text, version=6)), default_port)
-            if rest.startswith(":"):
-                port_text = rest[1:]
-            else:
-                raise ValueError("expected ':PORT' after ']'")
-            ip = _parse_ip(host_text, version=6)
-        else:
-            if default_port is not None and _is_ip(text):
-                return cls(str(ipaddress.ip_address(text)), default_port)
-            host_text, colon, port_text = text.rpartition(":")
-            if not colon:
-                raise ValueError("missing ':PORT'")
-            if ":" in host_text:
-                raise ValueError('write IPv6 addresses in brackets, e.g. "[::1]:1080"')
-            ip = _parse_ip(host_text)
-        if not re.fullmatch(r"[0-9]{1,5}", port_text) or not min_port <= int(port_text) <= 65535:
-            raise ValueError(f"port must be a number from {min_port} to 65535")
-        return cls(str(ip), int(port_text))
-
-
-def _is_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
-
-
-def _parse_ip(
-    text: str, *, version: int | None = None
-) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-    try:
-        ip = ipaddress.ip_address(text)
-    except ValueError:
-        raise ValueError(
-            f"{text!r} is not an IP address (hostnames are not accepted here)"
-        ) from None
-    if version is not None and ip.version != version:
-        raise ValueError(f"expected an IPv{version} address here")
-    return ip
-
-
-@dataclass(frozen=True, slots=True, order=True)
-class UidRange:
-    """Uids ``first`` to ``last``, both included."""
-
-    first: int
-    last: int
-
-    def contains(self, uid: int) -> bool:
-        return self.first <= uid <= self.last
-
-    def __str__(self) -> str:
-        return str(self.first) if self.first == self.last else f"{self.first}-{self.last}"
-
-    @classmethod
-    def parse(cls, value: object) -> UidRange:
-        """An int, a ``"N"`` string or a ``"FIRST-LAST"`` string. Raises ``ValueError``."""
-        if isinstance(value, int) and not isinstance(value, bool):
-            first = last = value
-        elif isinstance(value, str):
-            match = re.fullmatch(r"([0-9]{1,10})(?:-([0-9]{1,10}))?", value)
-            if match is None:
-                raise ValueError('write a uid as digits, a range as "FIRST-LAST"')
-            first = int(match[1])
-            last = first if match[2] is None else int(match[2])
-        else:
-            raise ValueError("a uid is an integer or a string")
-        if not 0 <= first <= MAX_UID or not 0 <= last <= MAX_UID:
-            raise ValueError(f"uids go from 0 to {MAX_UID}")
-        if first > last:
-            raise ValueError("the first uid of a range must not exceed the last")
-        return cls(first, last)
-
-
-# --- sections --------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class ProxyConfig:
-    socks5_listen: tuple[ListenAddress, ...] = ()
-    http_listen: tuple[ListenAddress, ...] = ()
-    unix_socket: Path | None = None
-    # 0660, not 0666: only the socket's owner and group can even reach the handshake parser.
-    # Identity comes from SO_PEERCRED either way, so "0666" is safe when the sandbox uids share
-    # no group; with "0660" put them in unix_socket_group.
-    unix_socket_mode: int = 0o660
-    unix_socket_owner: str | int | None = None
-    unix_socket_group: str | int | None = None
-    transparent_listen: ListenAddress | None = None
-    handshake_timeout: float = 5.0
-    connect_timeout: float = 5.0
-    idle_timeout: float = 300.0
-    drain_timeout: float = 30.0
-    max_handshake_bytes: int = 8192
-    max_connections: int = 10000  # connections beyond this are refused
-
-
-@dataclass(frozen=True, slots=True)
-class ResolverConfig:
-    nameservers: tuple[ListenAddress, ...] = ()  # empty: the system's
-    timeout: float = 2.0
-    attempts: int = 2
-    min_ttl: float = 5.0
-    max_ttl: float = 300.0
-    negative_ttl: float = 5.0
-
-
-def _no_exceptions() -> SpecialExceptions:
-    return SpecialExceptions.parse([])
-
-
-@dataclass(frozen=True, slots=True)
-class SecurityConfig:
-    allow_special: tuple[str, ...] = ()  # as written, for display
-    special_exceptions: SpecialExceptions = field(default_factory=_no_exceptions)
-
-
-@dataclass(frozen=True, slots=True)
-class RulesConfig:
-    store: RuleStore = RuleStore.FILE
-
-
-@dataclass(frozen=True, slots=True)
-class RatelimitConfig:
-    backend: RatelimitBackend = RatelimitBackend.MEMORY
-    on_redis_error: RedisErrorPolicy = RedisErrorPolicy.LOCAL
-
-
-@dataclass(frozen=True, slots=True)
-class RedisConfig:
-    url: str = field(default="redis://127.0.0.1:6379/0", repr=False)  # may hold a password
-
-    @property
-    def display_url(self) -> str:
-        """The URL with any password replaced by ``***``."""
-        return _redact_url(self.url)
-
-
-@dataclass(frozen=True, slots=True)
-class AdminToken:
-    name: str
-    sha256: str = field(repr=False)  # lower-case hex of the bearer token's SHA-256
-    role: AdminRole = AdminRole.READ
-
-
-@dataclass(frozen=True, slots=True)
-class AdminConfig:
-    listen: ListenAddress | None = None
-    tokens: tuple[AdminToken, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class FirewallConfig:
-    sandbox_uids: tuple[UidRange, ...] = (UidRange(10000, 59999),)
-    mode: FirewallMode = FirewallMode.EXPLICIT
-    backend: FirewallBackend = FirewallBackend.AUTO
-    interval: float = 10.0
-    metrics_listen: ListenAddress | None = None  # /metrics of `egress firewall run`; None: off
-
-
-@dataclass(frozen=True, slots=True)
-class LogConfig:
-    level: LogLevel = LogLevel.INFO
-    connection_log: str = "-"  # "-" is stderr, anything else a file path
-
-
-@dataclass(frozen=True, slots=True)
-class AppLimits:
-    """Stored for the limiter; ``None`` means no limit of that kind."""
-
-    connections_per_second: float | None = None
-    burst: int | None = None
-    max_concurrent: int | None = None
-    bandwidth_bytes_per_second: int | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class ProxyAuth:
-    """Credentials an app's clients must also present (RFC 1929 or Proxy-Authorization).
-
-    An extra factor on top of the kernel-reported uid, never a replacement for it.
-    """
-
-    username: str
-    password_sha256: str = field(repr=False)  # lower-case hex
-
-
-@dataclass(frozen=True, slots=True)
-class AppConfig:
-    name: str
-    uids: tuple[UidRange, ...]
-    allow: tuple[Rule, ...] = ()
-    mode: Mode = Mode.ENFORCE
-    limits: AppLimits | None = None
-    proxy_auth: ProxyAuth | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Config:
-    proxy: ProxyConfig = field(default_factory=ProxyConfig)
-    resolver: ResolverConfig = field(default_factory=ResolverConfig)
-    security: SecurityConfig = field(default_factory=SecurityConfig)
-    rules: RulesConfig = field(default_factory=RulesConfig)
-    ratelimit: RatelimitConfig = field(default_factory=RatelimitConfig)
-    redis: RedisConfig = field(default_factory=RedisConfig)
-    admin: AdminConfig = field(default_factory=AdminConfig)
-    firewall: FirewallConfig = field(default_factory=FirewallConfig)
-    log: LogConfig = field(default_factory=LogConfig)
-    apps: tuple[AppConfig, ...] = ()
-    source: Path = Path("<memory>")
-    # uid -> app lookup, built once; app_for_uid runs for every connection.
-    _single_uids: dict[int, AppConfig] = field(init=False, repr=False, compare=False)
-    _range_firsts: tuple[int, ...] = field(init=False, repr=False, compare=False)
-    _ranges: tuple[tuple[UidRange, AppConfig], ...] = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        single: dict[int, AppConfig] = {}
-        ranges: list[tuple[UidRange, AppConfig]] = []
-        for app in self.apps:
-            for uids in app.uids:
-                if uids.first == uids.last:
-                    single.setdefault(uids.first, app)
-                else:
-                    ranges.append((uids, app))
-        ranges.sort(key=lambda entry: entry[0])
-        object.__setattr__(self, "_single_uids", single)
-        object.__setattr__(self, "_range_firsts", tuple(r.first for r, _ in ranges))
-        object.__setattr__(self, "_ranges", tuple(ranges))
-
-    def app_for_uid(self, uid: int) -> AppConfig | None:
-        """The app that owns ``uid``, or ``None``. Relies on apps' uids not overlapping, which
-        :func:`parse_config` guarantees."""
-        app = self._single_uids.get(uid)
-        if app is not None:
-            return app
-        index = bisect.bisect_right(self._range_firsts, uid) - 1
-        if index >= 0:
-            uids, app = self._ranges[index]
-            if uid <= uids.last:
-                return app
-        return None
-
-    def app_named(self, name: str) -> AppConfig | None:
-        return next((app for app in self.apps if app.name == name), None)
-
 
 # --- the reader ------------------------------------------------------------------------------
 
@@ -731,11 +399,6 @@ def _redis_url(raw: Any) -> str:
     if not isinstance(raw, str) or not raw.startswith(("redis://", "rediss://", "unix://")):
         raise _RejectedError("a URL starting with redis://, rediss:// or unix://")
     return raw
-
-
-def _redact_url(url: str) -> str:
-    url = re.sub(r"(://[^/@:]*):[^/@]*@", r"\1:***@", url)
-    return re.sub(r"(password=)[^&]*", r"\1***", url)
 
 
 def _username(raw: Any) -> str:
@@ -1095,86 +758,3 @@ def _syntax_problem(source: str, text: str, message: str) -> ConfigProblem:
         key = "end of document"
     reason = re.sub(r"\s*\(at [^)]*\)$", "", message)
     return ConfigProblem(source, key, value_repr(found), "valid TOML", reason)
-
-
-# --- the check-config summary ----------------------------------------------------------------
-
-
-def _s(seconds: float) -> str:
-    return f"{seconds:g}s"
-
-
-def _uid_list(uids: Iterable[UidRange]) -> str:
-    return ", ".join(str(u) for u in uids) or "none"
-
-
-def _owner(value: str | int | None) -> str:
-    return "-" if value is None else str(value)
-
-
-def summarize(config: Config) -> str:
-    """The normalised, human-readable view ``egress check-config`` prints. No secrets."""
-    p = config.proxy
-    lines = [f"config: {config.source}", "listeners:"]
-    lines += [f"  socks5       {a}" for a in p.socks5_listen]
-    lines += [f"  http         {a}" for a in p.http_listen]
-    if p.unix_socket is not None:
-        lines.append(
-            f"  unix socket  {p.unix_socket} (mode {p.unix_socket_mode:04o},"
-            f" owner {_owner(p.unix_socket_owner)}, group {_owner(p.unix_socket_group)})"
-        )
-    if p.transparent_listen is not None:
-        lines.append(f"  transparent  {p.transparent_listen}")
-    lines.append(
-        f"  timeouts: handshake {_s(p.handshake_timeout)}, connect {_s(p.connect_timeout)},"
-        f" idle {_s(p.idle_timeout)}, drain {_s(p.drain_timeout)}"
-    )
-    lines.append(
-        f"  max handshake {p.max_handshake_bytes} bytes, max connections {p.max_connections}"
-    )
-    r = config.resolver
-    servers = ", ".join(str(ns) for ns in r.nameservers) or "system"
-    lines.append(
-        f"resolver: {servers}; timeout {_s(r.timeout)} x {r.attempts} attempts;"
-        f" ttl {_s(r.min_ttl)}..{_s(r.max_ttl)}, negative {_s(r.negative_ttl)}"
-    )
-    opened = ", ".join(config.security.allow_special) or "none"
-    lines.append(f"security: special-purpose ranges opened: {opened}")
-    lines.append(f"rules: store {config.rules.store}")
-    rl = config.ratelimit
-    lines.append(f"ratelimit: {rl.backend} (on redis error: {rl.on_redis_error})")
-    lines.append(f"redis: {config.redis.display_url}")
-    admin = config.admin
-    tokens = ", ".join(f"{t.name} ({t.role})" for t in admin.tokens) or "none"
-    lines.append(f"admin: {admin.listen or 'off'}; tokens: {tokens}")
-    fw = config.firewall
-    lines.append(
-        f"firewall: {fw.mode} mode, backend {fw.backend}, every {_s(fw.interval)};"
-        f" sandbox uids {_uid_list(fw.sandbox_uids)}"
-    )
-    target = "stderr" if config.log.connection_log == "-" else config.log.connection_log
-    lines.append(f"log: level {config.log.level}, connections to {target}")
-    lines.append(f"apps: {len(config.apps)}")
-    for app in config.apps:
-        lines.append(f"  {app.name}: uids {_uid_list(app.uids)}; mode {app.mode}")
-        lines += [f"    allow {rule.text}" for rule in app.allow]
-        if not app.allow:
-            lines.append("    allow nothing")
-        if app.limits is not None:
-            lines.append(f"    limits: {_limits_text(app.limits)}")
-        if app.proxy_auth is not None:
-            lines.append(f"    proxy auth: user {app.proxy_auth.username!r}")
-    return "\n".join(lines)
-
-
-def _limits_text(limits: AppLimits) -> str:
-    parts = []
-    if limits.connections_per_second is not None:
-        parts.append(f"{limits.connections_per_second:g} connections/s")
-    if limits.burst is not None:
-        parts.append(f"burst {limits.burst}")
-    if limits.max_concurrent is not None:
-        parts.append(f"{limits.max_concurrent} concurrent")
-    if limits.bandwidth_bytes_per_second is not None:
-        parts.append(f"{limits.bandwidth_bytes_per_second} bytes/s")
-    return ", ".join(parts) or "none"
