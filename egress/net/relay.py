@@ -43,15 +43,17 @@ class StreamFilter(Protocol):
 
 class UpstreamSide(asyncio.Protocol):
     """The upstream leg. Created before the connect so a server that talks first is not lost:
-    reading stays paused until the tunnel starts."""
+    reading is paused until the tunnel starts, and anything that arrives anyway (uvloop does
+    not always honour a pause made in ``connection_made``) is kept and delivered first."""
 
-    __slots__ = ("_pending_eof", "_pending_lost", "_tunnel", "transport")
+    __slots__ = ("_early", "_pending_eof", "_pending_lost", "_tunnel", "transport")
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self._tunnel: Tunnel | None = None
         self._pending_eof = False
         self._pending_lost = False
+        self._early = bytearray()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -60,6 +62,10 @@ class UpstreamSide(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._tunnel is not None:
             self._tunnel.on_upstream_data(data)
+            return
+        self._early += data
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.pause_reading()
 
     def eof_received(self) -> bool:
         if self._tunnel is None:
@@ -119,6 +125,7 @@ class Tunnel:
         "_loop",
         "_on_closed",
         "_upstream",
+        "_upstream_early",
         "_upstream_eof",
         "_upstream_lost",
         "bytes_down",
@@ -157,6 +164,8 @@ class Tunnel:
         client.set_protocol(ClientSide(self))
         client.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
         self._upstream.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
+        self._upstream_early = bytes(upstream_side._early)
+        upstream_side._early.clear()
         if upstream_side._pending_lost:
             self._upstream_lost = True
         elif upstream_side._pending_eof:
@@ -166,6 +175,9 @@ class Tunnel:
         """Begin relaying; ``first_upstream_bytes`` came from the client during the handshake."""
         if first_upstream_bytes:
             self.on_client_data(first_upstream_bytes)
+        if self._upstream_early:
+            early, self._upstream_early = self._upstream_early, b""
+            self.on_upstream_data(early)
         if self._upstream_lost:
             self.on_upstream_lost(None)
             return

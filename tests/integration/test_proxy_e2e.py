@@ -905,3 +905,29 @@ def test_a_stalled_upstream_bounds_what_the_proxy_buffers(loop_kind: str, tmp_pa
         assert sent < 32 * 1024 * 1024, sent  # kernel buffers + bounded proxy buffer, not 64 MiB
 
     run(loop_kind, main())
+
+
+def test_server_first_protocols_keep_their_banner(loop_kind: str, tmp_path: Path) -> None:
+    """An upstream that talks first (SMTP, SSH) may send before the tunnel exists: not a byte
+    of its banner may be lost, whichever side speaks next."""
+
+    async def main() -> None:
+        banner = b"220 upstream ready\r\n"
+        async with (
+            EchoUpstream(greeting=banner) as upstream,
+            running_proxy(loopback_config(upstream.port), tmp_path) as proxy,
+        ):
+            for _ in range(20):
+                for listener in (ListenerKind.SOCKS5, ListenerKind.HTTP):
+                    reader, writer = await open_as_uid(APP_UID, *proxy.address(listener))
+                    if listener is ListenerKind.SOCKS5:
+                        assert await socks5_connect(reader, writer, "127.0.0.1", upstream.port) == 0
+                    else:
+                        status, _, _ = await http_connect(
+                            reader, writer, f"127.0.0.1:{upstream.port}"
+                        )
+                        assert status == 200
+                    assert await asyncio.wait_for(reader.readexactly(len(banner)), 5) == banner
+                    await close(writer)
+
+    run(loop_kind, main())
