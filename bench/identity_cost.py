@@ -5,7 +5,7 @@ Opens N loopback TCP connections (clients in a child process, accepted ends here
 :class:`ProcNetTcpLookup` on the same sockets, bounded by a lookup count and a time cap, and
 prints a table. Each process needs N + 256 descriptors (soft RLIMIT_NOFILE is raised to that).
 
-    cd /work/main && .venv/bin/python -m bench.identity_cost --sizes 100,2000,10000 --lookups 2000
+    sudo .venv/bin/python -m bench.identity_cost --sizes 100,2000,10000 --lookups 2000
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 
 Run as root from the repository root (see bench/README.md):
 
-    /work/main/.venv/bin/python bench/run_proxy_bench.py [--quick] [--only NAME] [--seconds S]
+    sudo .venv/bin/python bench/run_proxy_bench.py [--quick] [--only NAME] [--seconds S]
 
 The proxy under test is pinned to CPU 1; the C load generator (bench/loadgen.c) and the C
 upstream (bench/upstream.c) are pinned to CPU 0.  The load generator runs as a non-root uid
