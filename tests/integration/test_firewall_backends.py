@@ -5,7 +5,6 @@ The same suite runs for iptables-restore (legacy and nft variants) and python-ip
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -23,11 +22,7 @@ from egress.firewall.plan import FirewallPlan, build_plan
 from egress.firewall.sync import flush, status, sync_once
 from tests.support import APP_UID, network_namespace, socket_as_uid
 
-pytestmark = [
-    pytest.mark.root,
-    pytest.mark.netns,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root"),
-]
+pytestmark = [pytest.mark.root, pytest.mark.netns, pytest.mark.usefixtures("root")]
 
 BACKENDS = ["legacy", "nft", "iptc"]
 

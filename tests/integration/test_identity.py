@@ -194,8 +194,7 @@ def test_ipv4_loopback(spawn, netlink, proc_net) -> None:
 
 
 def test_ipv6_loopback(spawn, netlink, proc_net) -> None:
-    if not _has_ipv6_loopback():
-        pytest.skip("no ::1 on lo (`ip -6 addr show lo`)")
+    assert _has_ipv6_loopback(), "no ::1 on lo (`ip -6 addr show lo`): IPv6 must be tested"
     with _listener(socket.AF_INET6, "::1") as lst:
         child = spawn(socket.AF_INET6, "::1", lst.getsockname()[1])
         conn, peer = lst.accept()
@@ -293,8 +292,8 @@ def test_remote_peer_is_none(netlink, proc_net, case) -> None:
     """No local socket is a remote peer's end. The kernel's lookup falls back to a listener on
     the peer's port (here one of root's, uid 0): that must not be taken for the client."""
     peer_host, local_host, listen_host, family = case
-    if family == socket.AF_INET6 and not _has_ipv6_loopback():
-        pytest.skip("no ::1 on lo (`ip -6 addr show lo`)")
+    if family == socket.AF_INET6:
+        assert _has_ipv6_loopback(), "no ::1 on lo (`ip -6 addr show lo`): IPv6 must be tested"
     with _listener(family, listen_host) as lst:
         port = lst.getsockname()[1]
         for peer in [(peer_host, port), (peer_host, 40000)]:
