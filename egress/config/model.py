@@ -342,9 +342,6 @@ class Config:
                 return app
         return None
 
-    def app_named(self, name: str) -> AppConfig | None:
-        return next((app for app in self.apps if app.name == name), None)
-
 
 def _redact_url(url: str) -> str:
     url = re.sub(r"(://[^/@:]*):[^/@]*@", r"\1:***@", url)

@@ -125,8 +125,7 @@ def test_hundreds_of_stalled_clients_do_not_block_new_ones(loop_kind: str, tmp_p
         async with (
             EchoUpstream() as upstream,
             running_proxy(
-                config(upstream.port)
-                | {"proxy": {**config(upstream.port)["proxy"], "handshake_timeout": 5.0}},  # type: ignore[dict-item]
+                config(upstream.port, handshake_timeout=5.0),
                 tmp_path,
             ) as proxy,
         ):
