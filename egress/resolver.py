@@ -28,13 +28,24 @@ network; the answer is still within the TTL its authority gave it.
 
 Lookups use ``ares_query`` semantics: no search domains, no ``/etc/hosts``. Names passed to
 :meth:`Resolver.resolve` are already canonical (lower-case A-labels, no trailing dot).
+
+DNS answers are untrusted: any tenant who controls a zone can publish a name with thousands of
+records, or thousands of names pointing at one address. One app must not slow another, so the
+work per connection and everything the event loop keeps are bounded by the resolver's settings,
+never by what the DNS says: addresses kept per family (``max_addresses_per_family``), cache
+entries and their estimated bytes (``max_cache_entries``, ``max_cache_bytes``), names remembered
+per address (``max_names_per_address``), and expired entries leave the cache on time.
 """
 
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import logging
 import math
+import struct
+import sys
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -66,6 +77,8 @@ _TYPE_AAAA = 28
 _MAX_NAME_LENGTH = 253
 _MAX_LOGGED_CHARS = 80
 _BACKSTOP_GRACE = 0.5  # seconds a caller waits past ``timeout`` before giving up on the lookup
+_DEFAULT_MAX_ADDRESSES = 32  # per family and answer; see Resolver's max_addresses_per_family
+_EXPIRY_SLACK = 64  # stale expiry-heap items tolerated beyond 2 per cache entry before a rebuild
 
 
 class ResolveFailure(StrEnum):
@@ -93,7 +106,8 @@ class ResolveError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Resolution:
-    """The addresses of ``name``: A records first, then AAAA, each deduplicated in DNS order.
+    """The addresses of ``name``: A records first, then AAAA, each deduplicated in DNS order
+    and cut to the resolver's ``max_addresses_per_family`` (the first ones the DNS gave).
 
     ``ttl`` is how many seconds the answer stays valid from now (clamped to the resolver's
     ``[min_ttl, max_ttl]``); ``from_cache`` says whether it was served without a lookup.
@@ -109,10 +123,12 @@ class Resolution:
 class ResolverStatistics:
     """A snapshot of the resolver's counters (see :meth:`Resolver.statistics`)."""
 
-    cached_entries: int  # positive and negative entries held (expired ones until evicted)
+    cached_entries: int  # positive and negative entries held (expired ones leave on next use)
     cache_hits: int  # resolve() calls answered from the cache, positive or negative
     cache_misses: int  # resolve() calls that started or joined a lookup
     lookups_in_flight: int  # distinct names being looked up right now
+    cached_bytes: int  # estimated memory of the cache and its indexes (see max_cache_bytes)
+    answers_truncated: int  # lookups with over max_addresses_per_family distinct in a family
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +147,16 @@ class _Entry:
 
 
 @dataclass(frozen=True, slots=True)
+class _Cached:
+    """A cache slot: the entry, its serial (names it in the expiry heap and the reverse index)
+    and its estimated size in bytes."""
+
+    entry: _Entry
+    serial: int
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
 class _Family:
     """What one query (A or AAAA) produced."""
 
@@ -138,6 +164,55 @@ class _Family:
     ttls: list[int]
     failure: ResolveFailure | None = None
     message: str = ""
+    truncated: bool = False  # address records were left out: the cap was reached
+
+
+def _per_item_bytes(empty: dict[int, None]) -> int:
+    """The most bytes per item that a dict of ``empty``'s type holds at 256 to 4096 items (right
+    after a resize its tables are emptiest), so that the estimate does not come out low."""
+    base = sys.getsizeof(empty)
+    worst = 0.0
+    for i in range(4096):
+        empty[i] = None
+        if i >= 255:
+            worst = max(worst, (sys.getsizeof(empty) - base) / (i + 1))
+    return math.ceil(worst)
+
+
+# Memory estimate of the cache, from sys.getsizeof() once at import (CPython's real sizes on
+# this build). It errs high rather than low: every address is priced as an IPv6 address, every
+# dict item at the dict's emptiest, and every (entry, address) pair as if its reverse-index dict
+# were its own. Checked against tracemalloc: about 1.1-1.4 times what the cache really holds.
+_POINTER_BYTES = struct.calcsize("P")
+_DICT_ITEM_BYTES = _per_item_bytes({})
+_CACHE_ITEM_BYTES = _per_item_bytes(OrderedDict())  # an OrderedDict item, its node included
+_ENTRY_BYTES = (
+    sys.getsizeof(_Cached(_Entry((), 0.0), 0, 0))
+    + sys.getsizeof(_Entry((), 0.0))
+    + sys.getsizeof(0.0)  # expires_at
+    + sys.getsizeof(())  # the addresses tuple, without its items
+    + sys.getsizeof(2**62)  # the serial (one object shared by the heap and the index)
+    + sys.getsizeof(2**20)  # the size
+    + _CACHE_ITEM_BYTES  # the slot in the cache
+    + (sys.getsizeof((0.0, 0, "")) + 2 * _POINTER_BYTES)  # its expiry-heap item, 2 list slots
+)
+_ADDRESS_BYTES = (
+    _POINTER_BYTES  # the slot in the entry's addresses tuple
+    + sys.getsizeof(IPv6Address(2**128 - 1))
+    + sys.getsizeof(2**128 - 1)  # the address's integer
+    + _DICT_ITEM_BYTES  # its key in the reverse index
+    + sys.getsizeof({"": 0})  # the reverse index's dict of names for the address, one item
+)
+
+
+def _entry_bytes(name: str, entry: _Entry) -> int:
+    """Estimated bytes ``name``'s entry takes in the cache and its indexes (see above)."""
+    return (
+        sys.getsizeof(name)
+        + sys.getsizeof(entry.message)
+        + _ENTRY_BYTES
+        + len(entry.addresses) * _ADDRESS_BYTES
+    )
 
 
 def parse_nameserver(text: str) -> str:
@@ -208,6 +283,23 @@ class Resolver:
     - Addresses are returned as the DNS said. **Checking them against the policy (special-purpose
       ranges included) is the caller's job.**
 
+    Bounds, because DNS answers are untrusted and one app must not slow another:
+
+    - ``max_addresses_per_family``: at most that many distinct addresses of each family are
+      kept, the first ones in DNS order. Every connection to the name walks its addresses (the
+      policy check, the dialer), so they must not number in the thousands because a zone says
+      so; records past the cap are skipped without being parsed.
+    - Expired entries leave the cache on time: an expiry heap is looked at on every
+      :meth:`resolve` and store (amortised O(log n) per entry), so a cache in use holds no
+      pile of dead entries. :meth:`sweep` does the same on demand, for a runtime's timer.
+    - ``max_cache_entries`` and ``max_cache_bytes`` bound the cache by count and by an estimate
+      of its memory (names, entries, addresses, index items); when either is reached, expired
+      entries go first, then the oldest stored. An entry larger than ``max_cache_bytes`` is
+      not cached at all.
+    - ``max_names_per_address``: :meth:`cached_names_for` remembers only the most recently
+      stored names of each address, so a tenant pointing thousands of names at one address
+      cannot make the per-connection name matching of transparent mode grow.
+
     ``nameservers`` entries take the forms :func:`parse_nameserver` accepts; empty means the
     system's ``/etc/resolv.conf``. ``clock`` is for tests (seconds, monotonic).
     """
@@ -223,6 +315,9 @@ class Resolver:
         negative_ttl: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
         max_cache_entries: int = 10000,
+        max_addresses_per_family: int = _DEFAULT_MAX_ADDRESSES,
+        max_cache_bytes: int = 16 * 1024 * 1024,
+        max_names_per_address: int = 16,
     ) -> None:
         if not (math.isfinite(timeout) and timeout > 0):
             raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
@@ -234,6 +329,16 @@ class Resolver:
             raise ValueError(f"negative_ttl must be >= 0, got {negative_ttl!r}")
         if max_cache_entries < 1:
             raise ValueError(f"max_cache_entries must be at least 1, got {max_cache_entries!r}")
+        if max_addresses_per_family < 1:
+            raise ValueError(
+                f"max_addresses_per_family must be at least 1, got {max_addresses_per_family!r}"
+            )
+        if max_cache_bytes < 1:
+            raise ValueError(f"max_cache_bytes must be at least 1, got {max_cache_bytes!r}")
+        if max_names_per_address < 1:
+            raise ValueError(
+                f"max_names_per_address must be at least 1, got {max_names_per_address!r}"
+            )
         if isinstance(nameservers, str):
             raise TypeError("nameservers must be a sequence of strings, not a string")
         self._nameservers = [parse_nameserver(entry) for entry in nameservers]
@@ -244,8 +349,18 @@ class Resolver:
         self._negative_ttl = negative_ttl
         self._clock = clock
         self._max_cache_entries = max_cache_entries
-        self._cache: OrderedDict[str, _Entry] = OrderedDict()  # oldest stored first
-        self._names_by_address: dict[IPAddress, set[str]] = {}
+        self._max_addresses = max_addresses_per_family
+        self._max_cache_bytes = max_cache_bytes
+        self._max_names_per_address = max_names_per_address
+        self._cache: OrderedDict[str, _Cached] = OrderedDict()  # oldest stored first
+        self._cached_bytes = 0  # sum of the sizes in _cache
+        # (expires_at, serial, name) of every entry stored, plus stale items of entries already
+        # gone (the serial tells them apart); rebuilt when stale items outnumber live ones.
+        self._expiry: list[tuple[float, int, str]] = []
+        self._serials = itertools.count()
+        # address -> {name: serial}, in the order stored, at most max_names_per_address names
+        self._names_by_address: dict[IPAddress, dict[str, int]] = {}
+        self._truncated = 0
         self._in_flight: dict[str, asyncio.Task[_Entry]] = {}
         self._dns: aiodns.DNSResolver | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -268,6 +383,7 @@ class Resolver:
         if _is_ip_literal(name):
             raise ValueError(f"IP literal {_bounded(name)} passed to Resolver.resolve()")
         now = self._clock()
+        self._expire(now)
         entry = self._cache_get(name, now)
         if entry is not None:
             self._hits += 1
@@ -294,21 +410,36 @@ class Resolver:
         return entry.result(name, self._clock(), from_cache=False)
 
     def cached_names_for(self, address: IPAddress) -> tuple[str, ...]:
-        """Names whose unexpired cached answer contains ``address`` (sorted).
+        """Names whose unexpired cached answer contains ``address`` (sorted): the
+        ``max_names_per_address`` most recently stored ones at most.
 
-        An IPv4-mapped IPv6 address (``::ffff:a.b.c.d``) also matches its IPv4 form.
+        An IPv4-mapped IPv6 address (``::ffff:a.b.c.d``) also matches its IPv4 form. The cost
+        is O(``max_names_per_address``), whatever number of names point at the address: this
+        runs for every transparent-mode connection, on the event loop.
         """
         now = self._clock()
-        candidates = set(self._names_by_address.get(address, ()))
+        self._expire(now)
+        found = dict(self._names_by_address.get(address, {}))
         if isinstance(address, IPv6Address) and address.ipv4_mapped is not None:
-            candidates |= self._names_by_address.get(address.ipv4_mapped, set())
+            found.update(self._names_by_address.get(address.ipv4_mapped, {}))
+        if len(found) > self._max_names_per_address:
+            newest = heapq.nlargest(self._max_names_per_address, found.items(), key=_serial_of)
+            found = dict(newest)
         return tuple(
             sorted(
                 name
-                for name in candidates
-                if (entry := self._cache.get(name)) is not None and entry.expires_at > now
+                for name in found
+                if (cached := self._cache.get(name)) is not None and cached.entry.expires_at > now
             )
         )
+
+    def sweep(self) -> int:
+        """Drop every expired cache entry now and return how many went.
+
+        :meth:`resolve` already does this as it goes; a runtime may call it from a timer so that
+        an idle resolver lets go of its memory too. Cheap when nothing expired (one comparison).
+        """
+        return self._expire(self._clock())
 
     def statistics(self) -> ResolverStatistics:
         return ResolverStatistics(
@@ -316,6 +447,8 @@ class Resolver:
             cache_hits=self._hits,
             cache_misses=self._misses,
             lookups_in_flight=len(self._in_flight),
+            cached_bytes=self._cached_bytes,
+            answers_truncated=self._truncated,
         )
 
     async def aclose(self) -> None:
@@ -331,6 +464,8 @@ class Resolver:
         if dns is not None:
             await dns.close()  # cancels c-ares' pending queries, then destroys the channel
         self._cache.clear()
+        self._cached_bytes = 0
+        self._expiry.clear()
         self._names_by_address.clear()
 
     # -- lookups --------------------------------------------------------------------------------
@@ -364,15 +499,18 @@ class Resolver:
             # callbacks then find the futures done. Not cached: the next caller asks again.
             _log.debug("resolve %s: timed out", _bounded(name))
             return _Entry((), self._clock(), ResolveFailure.TIMEOUT, self._timeout_message())
-        a = _family(name, a_result, _TYPE_A, 4)
-        aaaa = _family(name, aaaa_result, _TYPE_AAAA, 6)
+        a = _family(name, a_result, _TYPE_A, 4, limit=self._max_addresses)
+        aaaa = _family(name, aaaa_result, _TYPE_AAAA, 6, limit=self._max_addresses)
+        if a.truncated or aaaa.truncated:
+            self._truncated += 1
         entry = self._combine(a, aaaa, self._clock())
         self._cache_put(name, entry)
-        _log.debug(
-            "resolve %s: %s",
-            _bounded(name),
-            entry.kind or ", ".join(str(address) for address in entry.addresses),
-        )
+        if _log.isEnabledFor(logging.DEBUG):
+            _log.debug(
+                "resolve %s: %s",
+                _bounded(name),
+                entry.kind or ", ".join(str(address) for address in entry.addresses),
+            )
         return entry
 
     def _combine(self, a: _Family, aaaa: _Family, now: float) -> _Entry:
@@ -412,39 +550,82 @@ class Resolver:
     # -- the cache ------------------------------------------------------------------------------
 
     def _cache_get(self, name: str, now: float) -> _Entry | None:
-        entry = self._cache.get(name)
-        if entry is None:
+        cached = self._cache.get(name)
+        if cached is None:
             return None
-        if entry.expires_at <= now:
+        if cached.entry.expires_at <= now:
             self._cache_remove(name)
             return None
-        return entry
+        return cached.entry
 
     def _cache_put(self, name: str, entry: _Entry) -> None:
-        if self._closed or entry.expires_at <= self._clock():
+        now = self._clock()
+        if self._closed or entry.expires_at <= now:
             return
         self._cache_remove(name)
-        if len(self._cache) >= self._max_cache_entries:
-            now = self._clock()
-            while self._cache:  # drop expired entries at the old end, then the oldest
-                oldest, old_entry = next(iter(self._cache.items()))
-                self._cache_remove(oldest)
-                if old_entry.expires_at > now or len(self._cache) < self._max_cache_entries:
-                    break
-        self._cache[name] = entry
-        for address in entry.addresses:
-            self._names_by_address.setdefault(address, set()).add(name)
-
-    def _cache_remove(self, name: str) -> None:
-        entry = self._cache.pop(name, None)
-        if entry is None:
+        self._expire(now)  # expired entries go before any live one is evicted
+        size = _entry_bytes(name, entry)
+        if size > self._max_cache_bytes:
+            _log.debug("resolve %s: answer of %d bytes not cached", _bounded(name), size)
             return
+        while self._cache and (
+            len(self._cache) >= self._max_cache_entries
+            or self._cached_bytes + size > self._max_cache_bytes
+        ):
+            oldest, old = self._cache.popitem(last=False)
+            self._unlink(oldest, old)
+        serial = next(self._serials)
+        self._cache[name] = _Cached(entry, serial, size)
+        self._cached_bytes += size
+        heapq.heappush(self._expiry, (entry.expires_at, serial, name))
+        if len(self._expiry) > 2 * len(self._cache) + _EXPIRY_SLACK:
+            # Evicted and replaced entries left stale items behind: rebuild, O(n) once per
+            # n stores at least, so the heap stays proportional to the cache.
+            self._expiry = [
+                (cached.entry.expires_at, cached.serial, cached_name)
+                for cached_name, cached in self._cache.items()
+            ]
+            heapq.heapify(self._expiry)
+        limit = self._max_names_per_address
         for address in entry.addresses:
             names = self._names_by_address.get(address)
-            if names is not None:
-                names.discard(name)
+            if names is None:
+                names = self._names_by_address[address] = {}
+            names[name] = serial
+            if len(names) > limit:
+                del names[next(iter(names))]  # the oldest stored name of this address
+
+    def _expire(self, now: float) -> int:
+        """Drop the entries that expired by ``now``; return how many. O(1) if none did."""
+        expiry = self._expiry
+        dropped = 0
+        while expiry and expiry[0][0] <= now:
+            _, serial, name = heapq.heappop(expiry)
+            cached = self._cache.get(name)
+            if cached is not None and cached.serial == serial:
+                del self._cache[name]
+                self._unlink(name, cached)
+                dropped += 1
+        return dropped
+
+    def _cache_remove(self, name: str) -> None:
+        cached = self._cache.pop(name, None)
+        if cached is not None:
+            self._unlink(name, cached)
+
+    def _unlink(self, name: str, cached: _Cached) -> None:
+        """Account for ``name``'s entry having left the cache; its heap item goes stale."""
+        self._cached_bytes -= cached.size
+        for address in cached.entry.addresses:
+            names = self._names_by_address.get(address)
+            if names is not None and names.get(name) == cached.serial:
+                del names[name]
                 if not names:
                     del self._names_by_address[address]
+
+
+def _serial_of(item: tuple[str, int]) -> int:
+    return item[1]
 
 
 def _is_ip_literal(name: str) -> bool:
@@ -456,41 +637,77 @@ def _is_ip_literal(name: str) -> bool:
 
 
 def _family(
-    name: str, outcome: pycares.DNSResult | BaseException, rtype: int, version: int
+    name: str,
+    outcome: pycares.DNSResult | BaseException,
+    rtype: int,
+    version: int,
+    *,
+    limit: int = _DEFAULT_MAX_ADDRESSES,
 ) -> _Family:
-    """Interpret one query's outcome: the valid addresses of ``version`` in DNS order (deduped),
-    the TTLs of the records used, or a failure."""
+    """Interpret one query's outcome: the first ``limit`` distinct valid addresses of
+    ``version`` in DNS order, the TTLs of the records used, or a failure.
+
+    The work is bounded by ``limit``, not by the answer: a text already seen is not parsed
+    again, and once ``limit`` addresses are kept, further address records are looked up by text
+    (duplicates of kept addresses still count as used, so their TTL counts) and otherwise
+    skipped unparsed, their TTL ignored. CNAME records give their TTL wherever they are.
+    Malformed records are logged once per answer (the first one and how many).
+    """
     if isinstance(outcome, BaseException):
         return _failure(outcome)
     addresses: list[IPAddress] = []
+    seen: set[IPAddress] = set()
+    by_text: dict[str, IPAddress] = {}  # at most `limit` valid texts (c-ares gives canonical ones)
     ttls: list[int] = []
+    skipped = dropped = 0
+    first_dropped = ""
     for record in outcome.answer:
-        if record.type == _TYPE_CNAME:
+        record_type = record.type
+        if record_type == _TYPE_CNAME:
             ttls.append(record.ttl)
             continue
-        if record.type != rtype:
+        if record_type != rtype:
             continue
         text = getattr(record.data, "addr", None)
-        try:
-            if not isinstance(text, str):
-                raise ValueError("no address")
-            address = ip_address(text)
-            if address.version != version:
-                raise ValueError("wrong address family")
-        except ValueError as exc:
-            _log.warning(
-                "resolve %s: dropped malformed record %s: %s",
-                _bounded(name),
-                _bounded(repr(text)),
-                exc,
-            )
-            continue
+        address = by_text.get(text) if isinstance(text, str) else None
+        if address is None:
+            if len(addresses) >= limit:
+                skipped += 1  # past the cap: not parsed
+                continue
+            try:
+                if not isinstance(text, str):
+                    raise ValueError("no address")
+                address = ip_address(text)
+                if address.version != version:
+                    raise ValueError("wrong address family")
+            except ValueError as exc:
+                dropped += 1
+                if dropped == 1:
+                    first_dropped = f"{_bounded(repr(text))}: {exc}"
+                continue
+            by_text[text] = address
         ttls.append(record.ttl)
-        if address not in addresses:
+        if address not in seen:
+            seen.add(address)
             addresses.append(address)
+    if dropped:
+        _log.warning(
+            "resolve %s: dropped %d malformed record(s), the first %s",
+            _bounded(name),
+            dropped,
+            first_dropped,
+        )
+    if skipped:
+        _log.debug(
+            "resolve %s: kept the first %d addresses, skipped %d more record(s) of type %d",
+            _bounded(name),
+            limit,
+            skipped,
+            rtype,
+        )
     if not addresses:
         return _Family([], [])  # NODATA for this family; CNAME TTLs do not matter then
-    return _Family(addresses, ttls)
+    return _Family(addresses, ttls, truncated=skipped > 0)
 
 
 _ERRNO_KINDS = {

@@ -22,7 +22,13 @@ Behaviour:
   A record with TTL 0 for ``ns.dnsstub.invalid`` in the additional section, which keeps it out of
   that cache;
 - every question is logged in ``queries`` as ``(name, qtype)`` (lower-case name, no trailing dot)
-  before the answer is chosen, including questions that get a failure or no answer at all.
+  before the answer is chosen, including questions that get a failure or no answer at all;
+  ``query_count(..., transport="tcp")`` tells questions that came over TCP from UDP ones;
+- UDP replies are sent whole, whatever their size, unless the stub is made with
+  ``truncate_udp=True``: then, like a real server, a UDP reply larger than the client's
+  advertised payload size (its EDNS0 OPT record, or 512 bytes without one) is replaced by an
+  empty one with the TC bit set, and the client has to ask again over TCP. Needed to serve
+  answers with thousands of records the way the Internet does.
 
 Only ``dnslib`` is used, for the wire format; the server loop is a small ``selectors`` loop so
 ``stop()`` is prompt and nothing is printed.
@@ -43,7 +49,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal
 
 from dnslib import AAAA, CNAME, QTYPE, RCODE, RD, RR, A, DNSRecord
 
@@ -52,10 +58,19 @@ __all__ = ["DnsStub"]
 _RCODE_FAILURES = frozenset({"SERVFAIL", "NXDOMAIN", "REFUSED", "FORMERR", "NOTIMP"})
 _FAILURES = _RCODE_FAILURES | {"TIMEOUT", "MALFORMED"}
 _MAX_TCP_BUFFER = 65535 + 2
+_CLASSIC_UDP_PAYLOAD = 512  # RFC 1035: the UDP size every client takes without EDNS0
 
 
 def _key(name: str) -> str:
     return name.rstrip(".").lower()
+
+
+def _udp_payload(request: DNSRecord) -> int:
+    """The largest UDP reply ``request``'s sender takes: its EDNS0 size, at least 512."""
+    for record in request.ar:
+        if record.rtype == QTYPE.OPT:
+            return max(_CLASSIC_UDP_PAYLOAD, int(record.rclass))
+    return _CLASSIC_UDP_PAYLOAD
 
 
 @dataclass
@@ -83,12 +98,15 @@ class DnsStub:
         *,
         ttl: int = 60,
         host: str = "127.0.0.1",
+        truncate_udp: bool = False,
     ) -> None:
         self.ttl = ttl
         self._host = host
+        self._truncate_udp = truncate_udp
         self._lock = threading.Lock()
         self._entries: dict[str, _Entry] = {}
         self._queries: list[tuple[str, str]] = []
+        self._transports: list[str] = []  # "udp" or "tcp", one per element of _queries
         self._thread: threading.Thread | None = None
         self._udp: socket.socket | None = None
         self._tcp: socket.socket | None = None
@@ -164,19 +182,29 @@ class DnsStub:
         with self._lock:
             return list(self._queries)
 
-    def query_count(self, name: str | None = None, qtype: str | None = None) -> int:
-        """How many questions matched ``name`` and ``qtype`` (``None`` matches any)."""
+    def query_count(
+        self,
+        name: str | None = None,
+        qtype: str | None = None,
+        *,
+        transport: Literal["udp", "tcp"] | None = None,
+    ) -> int:
+        """How many questions matched ``name``, ``qtype`` and ``transport`` (``None`` matches
+        any)."""
         key = None if name is None else _key(name)
         with self._lock:
             return sum(
                 1
-                for n, t in self._queries
-                if (key is None or n == key) and (qtype is None or t == qtype)
+                for (n, t), via in zip(self._queries, self._transports, strict=True)
+                if (key is None or n == key)
+                and (qtype is None or t == qtype)
+                and (transport is None or via == transport)
             )
 
     def clear_queries(self) -> None:
         with self._lock:
             self._queries.clear()
+            self._transports.clear()
 
     # -- life cycle -----------------------------------------------------------------------------
 
@@ -283,7 +311,7 @@ class DnsStub:
             data, peer = self._udp.recvfrom(65535)
         except (BlockingIOError, InterruptedError, ConnectionError):
             return
-        reply, delay = self._answer(data)
+        reply, delay = self._answer(data, transport="udp")
         if reply is not None:
             self._send_later(delay, functools.partial(self._send_udp, reply, peer))
 
@@ -329,7 +357,7 @@ class DnsStub:
                 break
             message = bytes(conn.buffer[2 : 2 + size])
             del conn.buffer[: 2 + size]
-            reply, delay = self._answer(message)
+            reply, delay = self._answer(message, transport="tcp")
             if reply is not None:
                 framed = len(reply).to_bytes(2, "big") + reply
                 self._send_later(delay, functools.partial(self._send_tcp, conn.sock, framed))
@@ -337,11 +365,11 @@ class DnsStub:
     @staticmethod
     def _send_tcp(sock: socket.socket, framed: bytes) -> None:
         with contextlib.suppress(OSError):  # the client may have gone; the socket may be closed
-            sock.setblocking(True)  # replies are small; loopback never blocks for long
+            sock.setblocking(True)  # replies are <= 64 KiB; loopback never blocks long
             sock.sendall(framed)
             sock.setblocking(False)
 
-    def _answer(self, data: bytes) -> tuple[bytes | None, float]:
+    def _answer(self, data: bytes, *, transport: str) -> tuple[bytes | None, float]:
         """The reply to one message (None: stay silent) and how long to hold it back."""
         try:
             request = DNSRecord.parse(data)
@@ -356,6 +384,7 @@ class DnsStub:
         qtype = QTYPE.get(question.qtype, str(question.qtype))
         with self._lock:
             self._queries.append((name, qtype))
+            self._transports.append(transport)
             failure = self._fill(reply, name, qtype, depth=0)
             entry = self._entries.get(name)
             delay = entry.delay if entry is not None else 0.0
@@ -368,7 +397,12 @@ class DnsStub:
             reply.header.rcode = getattr(RCODE, failure)
         elif not reply.rr:
             reply.add_ar(RR("ns.dnsstub.invalid", QTYPE.A, rdata=A("127.0.0.1"), ttl=0))
-        return bytes(reply.pack()), delay
+        packed = bytes(reply.pack())
+        if transport == "udp" and self._truncate_udp and len(packed) > _udp_payload(request):
+            truncated = request.reply()
+            truncated.header.tc = 1
+            packed = bytes(truncated.pack())
+        return packed, delay
 
     def _fill(self, reply: DNSRecord, name: str, qtype: str, *, depth: int) -> str | None:
         """Add the answer records for ``name`` to ``reply``; return a failure name or None.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import socket
 import time
@@ -19,6 +20,7 @@ import pycares
 import pytest
 import uvloop
 
+import egress.resolver as resolver_module
 from egress.resolver import (
     Resolution,
     ResolveError,
@@ -93,6 +95,19 @@ async def resolve_error(resolver: Resolver, name: str) -> ResolveError:
     with pytest.raises(ResolveError) as info:
         await resolver.resolve(name)
     return info.value
+
+
+def v4(i: int) -> str:
+    return f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}"
+
+
+def v6(i: int) -> str:
+    return f"2001:db8::{i:x}"
+
+
+def distinct(texts: list[str], limit: int) -> tuple[IPv4Address | IPv6Address, ...]:
+    """The first ``limit`` distinct addresses of ``texts``, in order."""
+    return ips(*list(dict.fromkeys(texts))[:limit])
 
 
 # -- answers ------------------------------------------------------------------------------------
@@ -482,3 +497,273 @@ def test_ipv6_nameserver_with_port(run: Run[Any], clock: FakeClock) -> None:
                 return await resolver.resolve("v6ns.test")
 
         assert run(main()).addresses == ips("192.0.2.6")
+
+
+# -- bounds on untrusted answers ----------------------------------------------------------------
+
+DEFAULT_MAX_ADDRESSES = 32  # the documented default of max_addresses_per_family
+
+
+@pytest.mark.parametrize("cap", [None, 5])
+def test_huge_answer_is_cut_to_the_cap_per_family(
+    run: Run[Any], clock: FakeClock, cap: int | None
+) -> None:
+    # Thousands of records per family, every address twice: ~56 KB, so the stub truncates the
+    # UDP reply and c-ares asks again over TCP, as with a real server.
+    a_records = [v4(i // 2) for i in range(2000)]
+    aaaa_records = [v6(i // 2) for i in range(2000)]
+    limit = DEFAULT_MAX_ADDRESSES if cap is None else cap
+    settings: dict[str, Any] = {} if cap is None else {"max_addresses_per_family": cap}
+    with DnsStub(truncate_udp=True) as stub:
+        stub.set(
+            "big.test", [x for pair in zip(aaaa_records, a_records, strict=True) for x in pair]
+        )
+        stub.set("cap.test", [v4(i) for i in range(limit)] + [v6(i) for i in range(limit)])
+
+        async def main() -> None:
+            async with open_resolver(stub, clock=clock, **settings) as resolver:
+                result = await resolver.resolve("big.test")
+                expected = distinct(a_records, limit) + distinct(aaaa_records, limit)
+                assert result.addresses == expected
+                assert stub.query_count("big.test", "AAAA", transport="tcp") == 1
+                assert stub.query_count("big.test", "A", transport="tcp") == 1
+                stats = resolver.statistics()
+                assert (stats.answers_truncated, stats.cached_entries) == (1, 1)
+                cached = await resolver.resolve("big.test")
+                assert (cached.from_cache, cached.addresses) == (True, expected)
+                # What the cache holds for the name depends on the cap, not on the answer: the
+                # same as for a name with exactly `limit` addresses per family.
+                big_bytes = resolver.statistics().cached_bytes
+                await resolver.resolve("cap.test")
+                stats = resolver.statistics()
+                assert stats.cached_bytes - big_bytes == big_bytes
+                assert stats.answers_truncated == 1  # exactly at the cap is not truncated
+
+        run(main())
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        (["192.0.2.1", "192.0.2.1", "192.0.2.2", "192.0.2.1"], 8, ["192.0.2.1", "192.0.2.2"], 0),
+        (
+            ["2001:db8::3", "192.0.2.3", "2001:db8::1", "2001:db8::3", "192.0.2.3", "192.0.2.1"],
+            8,
+            ["192.0.2.3", "192.0.2.1", "2001:db8::3", "2001:db8::1"],
+            0,
+        ),
+        # duplicates past the cap are not addresses left out
+        (["192.0.2.1", "192.0.2.2", "192.0.2.1", "192.0.2.2"], 2, ["192.0.2.1", "192.0.2.2"], 0),
+        (["192.0.2.1", "192.0.2.1", "192.0.2.2", "192.0.2.3"], 2, ["192.0.2.1", "192.0.2.2"], 1),
+    ],
+    ids=["a", "both-families", "duplicates-past-cap", "cut"],
+)
+def test_duplicate_records_are_deduplicated_in_order(
+    run: Run[Any], dns: DnsStub, clock: FakeClock, case: tuple[list[str], int, list[str], int]
+) -> None:
+    records, cap, expected, truncated = case  # truncated: answers counted as cut
+    dns.set("dup.test", records)
+
+    async def main() -> None:
+        async with open_resolver(dns, clock=clock, max_addresses_per_family=cap) as resolver:
+            assert (await resolver.resolve("dup.test")).addresses == ips(*expected)
+            assert resolver.statistics().answers_truncated == truncated
+
+    run(main())
+
+
+def _a(addr: object, ttl: int = 60, rtype: int = 1) -> pycares.DNSRecord:
+    data = pycares.ARecordData(addr=addr)  # type: ignore[arg-type]
+    return pycares.DNSRecord("x.test", rtype, 1, ttl, data)
+
+
+def test_records_past_the_cap_are_not_parsed(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    parsed: list[str] = []
+
+    def counting_ip_address(text: str) -> IPv4Address | IPv6Address:
+        parsed.append(text)
+        return ip_address(text)
+
+    monkeypatch.setattr(resolver_module, "ip_address", counting_ip_address)
+    answer = [_a(v4(0))] * 1000  # duplicates before the cap: parsed once
+    answer += [_a(v4(i)) for i in range(40)]
+    answer += [_a(v4(0))] * 1000  # duplicates of a kept address past the cap: their TTL is used
+    answer += [_a("not-an-ip", ttl=1)] * 5000  # garbage past the cap: never looked at
+    answer += [_a(v4(i), ttl=1) for i in range(40, 5000)]
+    answer += [_a("alias.test", ttl=7, rtype=5)]  # a CNAME anywhere still bounds the TTL
+    caplog.set_level(logging.DEBUG, logger="egress.resolver")
+    family = _family("x.test", pycares.DNSResult(answer, [], []), 1, 4, limit=32)
+    assert family.addresses == list(ips(*(v4(i) for i in range(32))))
+    assert family.truncated
+    assert min(family.ttls) == 7
+    assert sorted(set(family.ttls)) == [7, 60]  # the skipped records' TTL 1 is not used
+    assert len(parsed) == 32
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(caplog.records) <= 1
+
+
+def test_malformed_records_are_logged_once_per_answer(caplog: pytest.LogCaptureFixture) -> None:
+    answer = [_a(f"bad-{i}") for i in range(500)] + [_a("192.0.2.1")]
+    caplog.set_level(logging.WARNING, logger="egress.resolver")
+    family = _family("x.test", pycares.DNSResult(answer, [], []), 1, 4)
+    assert family.addresses == list(ips("192.0.2.1"))
+    assert not family.truncated
+    [record] = caplog.records
+    assert "500" in record.getMessage() and "bad-0" in record.getMessage()
+
+
+@pytest.mark.parametrize("trigger", ["resolve", "sweep"])
+def test_expired_entries_leave_the_cache_on_time(
+    run: Run[Any], dns: DnsStub, clock: FakeClock, trigger: str
+) -> None:
+    # The long-lived entry is the oldest: expiry must not wait for it, nor for a full cache.
+    dns.set("keep.test", ["192.0.2.1"], ttl=100)
+    dns.set("next.test", ["192.0.2.2"], ttl=100)  # same shape as keep.test
+    short = [f"short{i:03d}.test" for i in range(200)]
+    for i, name in enumerate(short):
+        dns.set(name, [v4(i), v6(i)], ttl=20)
+
+    async def main() -> None:
+        async with open_resolver(dns, clock=clock) as resolver:
+            await resolver.resolve("keep.test")
+            keep_bytes = resolver.statistics().cached_bytes
+            for name in short:
+                await resolver.resolve(name)
+            full = resolver.statistics()
+            assert full.cached_entries == 1 + len(short)
+            assert full.cached_bytes > len(short) * keep_bytes
+            assert resolver.sweep() == 0  # nothing expired yet: nothing dropped
+            assert resolver.statistics() == full
+            clock.advance(20)
+            if trigger == "sweep":
+                assert resolver.sweep() == len(short)
+                stats = resolver.statistics()
+                assert (stats.cached_entries, stats.cached_bytes) == (1, keep_bytes)
+            else:
+                await resolver.resolve("next.test")  # unrelated to the expired names
+                stats = resolver.statistics()
+                assert (stats.cached_entries, stats.cached_bytes) == (2, 2 * keep_bytes)
+            assert (await resolver.resolve("keep.test")).from_cache
+            assert resolver.cached_names_for(IPv4Address(v4(0))) == ()
+            clock.advance(100)
+            assert resolver.sweep() == stats.cached_entries
+            assert resolver.statistics().cached_entries == 0
+            assert resolver.statistics().cached_bytes == 0
+
+    run(main())
+
+
+def test_cache_bytes_are_bounded_oldest_evicted(
+    run: Run[Any], dns: DnsStub, clock: FakeClock
+) -> None:
+    names = [f"n{i:02d}.test" for i in range(20)]  # one shape: one size
+    for i, name in enumerate(names):
+        dns.set(name, [v4(i)], ttl=0)
+    dns.set("wide.test", [v4(1000 + i) for i in range(3)] + [v6(i) for i in range(3)], ttl=0)
+
+    async def main() -> None:
+        async with open_resolver(dns, clock=clock, min_ttl=60) as probe:
+            await probe.resolve(names[0])
+            size = probe.statistics().cached_bytes
+            await probe.resolve("wide.test")
+            wide_size = probe.statistics().cached_bytes - size
+        fit = 4  # small entries the bound holds
+        bound = fit * size + size // 2
+        assert 0 < size < wide_size <= bound - size  # the test's premise: wide needs room
+        async with open_resolver(dns, clock=clock, min_ttl=60, max_cache_bytes=bound) as resolver:
+            for name in names:
+                await resolver.resolve(name)
+                assert resolver.statistics().cached_bytes <= bound
+            stats = resolver.statistics()
+            assert (stats.cached_entries, stats.cached_bytes) == (fit, fit * size)
+            for name in names[-fit:]:
+                assert (await resolver.resolve(name)).from_cache, name
+            assert resolver.statistics().cache_hits == fit
+            # A bigger entry pushes out as many of the oldest as it needs, and no more.
+            await resolver.resolve("wide.test")
+            stats = resolver.statistics()
+            room = (bound - wide_size) // size
+            assert 1 <= room < fit
+            assert (stats.cached_entries, stats.cached_bytes) == (1 + room, wide_size + room * size)
+            assert (await resolver.resolve("wide.test")).from_cache
+            kept = [
+                name for i, name in enumerate(names) if resolver.cached_names_for(ips(v4(i))[0])
+            ]
+            assert kept == names[-room:]
+
+    run(main())
+
+
+def test_entry_larger_than_the_byte_bound_is_not_cached(
+    run: Run[Any], dns: DnsStub, clock: FakeClock
+) -> None:
+    dns.set("x.test", ["192.0.2.1"], ttl=0)
+
+    async def main() -> None:
+        async with open_resolver(dns, clock=clock, max_cache_bytes=1) as resolver:
+            assert (await resolver.resolve("x.test")).addresses == ips("192.0.2.1")
+            assert not (await resolver.resolve("x.test")).from_cache
+            stats = resolver.statistics()
+            assert (stats.cached_entries, stats.cached_bytes) == (0, 0)
+
+    run(main())
+
+
+def test_expiry_heap_stays_proportional_to_the_cache(
+    run: Run[Any], dns: DnsStub, clock: FakeClock
+) -> None:
+    # Evicted entries leave stale heap items; churning names through a small cache must not make
+    # the heap grow with the number of names ever seen.
+    names = [f"churn{i:03d}.test" for i in range(300)]
+    for name in names:
+        dns.set(name, ["192.0.2.1"])
+
+    async def main() -> None:
+        async with open_resolver(dns, clock=clock, max_cache_entries=4) as resolver:
+            for name in names:
+                await resolver.resolve(name)
+            assert resolver.statistics().cached_entries == 4
+            assert len(resolver._expiry) < len(names) // 3
+
+    run(main())
+
+
+def test_cached_names_for_keeps_the_newest_names_per_address(
+    run: Run[Any], dns: DnsStub, clock: FakeClock
+) -> None:
+    older = [f"n{i:02d}.test" for i in range(30)]
+    newer = [f"m{i:02d}.test" for i in range(10)]
+    for name in older:
+        dns.set(name, ["192.0.2.1"])
+    for name in newer:
+        dns.set(name, ["::ffff:c000:201"])  # ::ffff:192.0.2.1; dnslib takes only hex groups
+
+    async def main() -> None:
+        async with open_resolver(dns, clock=clock, max_names_per_address=16) as resolver:
+            for name in older + newer:
+                await resolver.resolve(name)
+            assert resolver.cached_names_for(IPv4Address("192.0.2.1")) == tuple(sorted(older[-16:]))
+            # The mapped form matches both, and the limit holds for the union: newest first.
+            assert resolver.cached_names_for(IPv6Address("::ffff:192.0.2.1")) == tuple(
+                sorted(newer + older[-6:])
+            )
+            # What the loop walks per connection stays at the bound, however many names point
+            # at the address: the index forgets old names; the cache still answers for them.
+            assert max(len(names) for names in resolver._names_by_address.values()) == 16
+            assert (await resolver.resolve(older[0])).from_cache
+            clock.advance(60)
+            assert resolver.cached_names_for(IPv4Address("192.0.2.1")) == ()
+
+    run(main())
+
+
+@pytest.mark.parametrize(
+    "setting", ["max_addresses_per_family", "max_cache_bytes", "max_names_per_address"]
+)
+@pytest.mark.parametrize("value", [0, -1])
+def test_resolver_rejects_bad_bounds(setting: str, value: int) -> None:
+    with pytest.raises(ValueError, match=setting):
+        Resolver(**{setting: value})
+    Resolver(**{setting: 1})  # the smallest bound is fine
