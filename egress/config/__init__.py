@@ -2,12 +2,9 @@
 ``check-config`` summary (summary)."""
 
 from egress.config.model import (
-    MAX_UID,
     AdminConfig,
     AdminRole,
     AdminToken,
-    AppConfig,
-    AppLimits,
     Config,
     FirewallBackend,
     FirewallConfig,
@@ -15,7 +12,6 @@ from egress.config.model import (
     ListenAddress,
     LogConfig,
     LogLevel,
-    ProxyAuth,
     ProxyConfig,
     RatelimitBackend,
     RatelimitConfig,
@@ -25,18 +21,14 @@ from egress.config.model import (
     RulesConfig,
     RuleStore,
     SecurityConfig,
-    UidRange,
 )
 from egress.config.reader import load_config, parse_config
 from egress.config.summary import summarize
 
 __all__ = [
-    "MAX_UID",
     "AdminConfig",
     "AdminRole",
     "AdminToken",
-    "AppConfig",
-    "AppLimits",
     "Config",
     "FirewallBackend",
     "FirewallConfig",
@@ -44,7 +36,6 @@ __all__ = [
     "ListenAddress",
     "LogConfig",
     "LogLevel",
-    "ProxyAuth",
     "ProxyConfig",
     "RatelimitBackend",
     "RatelimitConfig",
@@ -54,7 +45,6 @@ __all__ = [
     "RuleStore",
     "RulesConfig",
     "SecurityConfig",
-    "UidRange",
     "load_config",
     "parse_config",
     "summarize",

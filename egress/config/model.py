@@ -1,12 +1,12 @@
 """The typed, immutable settings a config file becomes.
 
-Defaults live in one place: the dataclass field defaults below. Reading and checking a file
+The apps (``[[app]]``) are a :class:`rules.apps.RuleSet`, the one app model every reader of rules
+builds. Defaults live in one place: the dataclass field defaults below. Reading and checking a file
 is :mod:`egress.config.reader`; the human summary is :mod:`egress.config.summary`.
 """
 
 from __future__ import annotations
 
-import bisect
 import ipaddress
 import re
 import socket
@@ -15,11 +15,9 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Final
 
-from rules.decide import Mode
-from rules.model import Rule
+from rules.apps import App, RuleSet, UidRange
 from rules.special import SpecialExceptions
 
-MAX_UID: Final = 2**32 - 1
 UNIX_PATH_MAX: Final = 107  # sun_path is 108 bytes on Linux, one of them the terminating NUL
 
 
@@ -141,39 +139,6 @@ def _parse_ip(
     return ip
 
 
-@dataclass(frozen=True, slots=True, order=True)
-class UidRange:
-    """Uids ``first`` to ``last``, both included."""
-
-    first: int
-    last: int
-
-    def contains(self, uid: int) -> bool:
-        return self.first <= uid <= self.last
-
-    def __str__(self) -> str:
-        return str(self.first) if self.first == self.last else f"{self.first}-{self.last}"
-
-    @classmethod
-    def parse(cls, value: object) -> UidRange:
-        """An int, a ``"N"`` string or a ``"FIRST-LAST"`` string. Raises ``ValueError``."""
-        if isinstance(value, int) and not isinstance(value, bool):
-            first = last = value
-        elif isinstance(value, str):
-            match = re.fullmatch(r"([0-9]{1,10})(?:-([0-9]{1,10}))?", value)
-            if match is None:
-                raise ValueError('write a uid as digits, a range as "FIRST-LAST"')
-            first = int(match[1])
-            last = first if match[2] is None else int(match[2])
-        else:
-            raise ValueError("a uid is an integer or a string")
-        if not 0 <= first <= MAX_UID or not 0 <= last <= MAX_UID:
-            raise ValueError(f"uids go from 0 to {MAX_UID}")
-        if first > last:
-            raise ValueError("the first uid of a range must not exceed the last")
-        return cls(first, last)
-
-
 # --- sections --------------------------------------------------------------------------------
 
 
@@ -194,7 +159,8 @@ class ProxyConfig:
     idle_timeout: float = 300.0
     drain_timeout: float = 30.0
     max_handshake_bytes: int = 8192
-    max_connections: int = 10000  # connections beyond this are refused
+    max_connections: int = 10000  # connections beyond this are refused at accept
+    max_handshakes_per_app: int = 64  # one app's clients still in their handshake
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,6 +171,8 @@ class ResolverConfig:
     min_ttl: float = 5.0
     max_ttl: float = 300.0
     negative_ttl: float = 5.0
+    max_addresses_per_family: int = 32  # A and AAAA answers kept per name, each
+    max_cache_bytes: int = 16 * 1024 * 1024
 
 
 def _no_exceptions() -> SpecialExceptions:
@@ -267,37 +235,6 @@ class LogConfig:
 
 
 @dataclass(frozen=True, slots=True)
-class AppLimits:
-    """Stored for the limiter; ``None`` means no limit of that kind."""
-
-    connections_per_second: float | None = None
-    burst: int | None = None
-    max_concurrent: int | None = None
-    bandwidth_bytes_per_second: int | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class ProxyAuth:
-    """Credentials an app's clients must also present (RFC 1929 or Proxy-Authorization).
-
-    An extra factor on top of the kernel-reported uid, never a replacement for it.
-    """
-
-    username: str
-    password_sha256: str = field(repr=False)  # lower-case hex
-
-
-@dataclass(frozen=True, slots=True)
-class AppConfig:
-    name: str
-    uids: tuple[UidRange, ...]
-    allow: tuple[Rule, ...] = ()
-    mode: Mode = Mode.ENFORCE
-    limits: AppLimits | None = None
-    proxy_auth: ProxyAuth | None = None
-
-
-@dataclass(frozen=True, slots=True)
 class Config:
     proxy: ProxyConfig = field(default_factory=ProxyConfig)
     resolver: ResolverConfig = field(default_factory=ResolverConfig)
@@ -308,39 +245,13 @@ class Config:
     admin: AdminConfig = field(default_factory=AdminConfig)
     firewall: FirewallConfig = field(default_factory=FirewallConfig)
     log: LogConfig = field(default_factory=LogConfig)
-    apps: tuple[AppConfig, ...] = ()
+    ruleset: RuleSet = field(default_factory=RuleSet)
     source: Path = Path("<memory>")
-    # uid -> app lookup, built once; app_for_uid runs for every connection.
-    _single_uids: dict[int, AppConfig] = field(init=False, repr=False, compare=False)
-    _range_firsts: tuple[int, ...] = field(init=False, repr=False, compare=False)
-    _ranges: tuple[tuple[UidRange, AppConfig], ...] = field(init=False, repr=False, compare=False)
 
-    def __post_init__(self) -> None:
-        single: dict[int, AppConfig] = {}
-        ranges: list[tuple[UidRange, AppConfig]] = []
-        for app in self.apps:
-            for uids in app.uids:
-                if uids.first == uids.last:
-                    single.setdefault(uids.first, app)
-                else:
-                    ranges.append((uids, app))
-        ranges.sort(key=lambda entry: entry[0])
-        object.__setattr__(self, "_single_uids", single)
-        object.__setattr__(self, "_range_firsts", tuple(r.first for r, _ in ranges))
-        object.__setattr__(self, "_ranges", tuple(ranges))
-
-    def app_for_uid(self, uid: int) -> AppConfig | None:
-        """The app that owns ``uid``, or ``None``. Relies on apps' uids not overlapping, which
-        :func:`parse_config` guarantees."""
-        app = self._single_uids.get(uid)
-        if app is not None:
-            return app
-        index = bisect.bisect_right(self._range_firsts, uid) - 1
-        if index >= 0:
-            uids, app = self._ranges[index]
-            if uid <= uids.last:
-                return app
-        return None
+    @property
+    def apps(self) -> tuple[App, ...]:
+        """The apps of :attr:`ruleset`, in config order."""
+        return self.ruleset.apps
 
 
 def _redact_url(url: str) -> str:

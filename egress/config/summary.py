@@ -4,11 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from egress.config.model import (
-    AppLimits,
-    Config,
-    UidRange,
-)
+from egress.config.model import Config
+from rules.apps import Limits, UidRange
 
 # --- the check-config summary ----------------------------------------------------------------
 
@@ -43,13 +40,16 @@ def summarize(config: Config) -> str:
         f" idle {_s(p.idle_timeout)}, drain {_s(p.drain_timeout)}"
     )
     lines.append(
-        f"  max handshake {p.max_handshake_bytes} bytes, max connections {p.max_connections}"
+        f"  max handshake {p.max_handshake_bytes} bytes, max connections {p.max_connections},"
+        f" max handshakes per app {p.max_handshakes_per_app}"
     )
     r = config.resolver
     servers = ", ".join(str(ns) for ns in r.nameservers) or "system"
     lines.append(
         f"resolver: {servers}; timeout {_s(r.timeout)} x {r.attempts} attempts;"
-        f" ttl {_s(r.min_ttl)}..{_s(r.max_ttl)}, negative {_s(r.negative_ttl)}"
+        f" ttl {_s(r.min_ttl)}..{_s(r.max_ttl)}, negative {_s(r.negative_ttl)};"
+        f" at most {r.max_addresses_per_family} addresses per family,"
+        f" cache {r.max_cache_bytes} bytes"
     )
     opened = ", ".join(config.security.allow_special) or "none"
     lines.append(f"security: special-purpose ranges opened: {opened}")
@@ -80,7 +80,7 @@ def summarize(config: Config) -> str:
     return "\n".join(lines)
 
 
-def _limits_text(limits: AppLimits) -> str:
+def _limits_text(limits: Limits) -> str:
     parts = []
     if limits.connections_per_second is not None:
         parts.append(f"{limits.connections_per_second:g} connections/s")

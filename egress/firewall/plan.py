@@ -36,12 +36,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Final, Literal
 
-from egress.config import (
-    Config,
-    FirewallMode,
-    ListenAddress,
-    UidRange,
-)
+from egress.config import Config, FirewallMode, ListenAddress
+from rules.apps import UidRange
 
 __all__ = [
     "CHAIN_PREFIX",
