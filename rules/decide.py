@@ -1,33 +1,45 @@
 """The pure policy decision: may this app reach this destination, and why (not)?
 
-Two steps, because a name is judged twice: :func:`decide_name` before any DNS lookup (so a name
-that can never be allowed is never resolved, and the proxy is no DNS exfiltration channel), and
-:func:`decide_address` for every address the proxy would actually connect to (so DNS answers
+A name is judged twice: :func:`decide_name` before any DNS lookup (so a name that can never be
+allowed is never resolved, and the proxy is no DNS exfiltration channel), and
+:func:`decide_addresses` for the addresses the proxy would actually connect to (so DNS answers
 pointing at special-purpose ranges, e.g. rebinding to 169.254.169.254, are caught).
 
-A denial is a normal return value. Report mode relaxes only the app's rules; the special-purpose
-deny holds in every mode.
+Special-purpose addresses are denied for every app. An operator may open a range
+(``[security].allow_special``), and then it is reachable only by an app whose own rules *name* the
+address: an address rule lying inside the opened range that covers it, or an exact host rule. A
+wildcard host rule never reaches a special address, a wide address rule (``0.0.0.0/0:8080``, about
+the internet) does not either, and report mode never opens one.
+
+Every address given to these functions is already canonical (:func:`rules.special.
+effective_address`): the caller normalises each address once, where it enters the policy. A
+denial is a normal return value.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 from ipaddress import IPv4Address, IPv6Address
 
+from rules.apps import App, Mode
 from rules.match import CompiledRules
-from rules.model import Rule
-from rules.special import SpecialExceptions, effective_address, special_range
+from rules.model import HostExact, Network, Rule
+from rules.special import SpecialExceptions, canonical_special_range
 
 __all__ = [
+    "AddressDecision",
     "AppPolicy",
     "Decision",
-    "Mode",
     "NamePlan",
     "Reason",
     "decide_address",
+    "decide_addresses",
     "decide_name",
 ]
+
+IPAddress = IPv4Address | IPv6Address
 
 
 class Reason(StrEnum):
@@ -38,20 +50,38 @@ class Reason(StrEnum):
     SPECIAL_ADDRESS = "special_address"
 
 
-class Mode(StrEnum):
-    """``enforce`` denies what the rules do not allow; ``report`` lets it through, flagged."""
-
-    ENFORCE = "enforce"
-    REPORT = "report"
-
-
 @dataclass(frozen=True, slots=True)
 class AppPolicy:
-    """One app's compiled rules and mode: an immutable snapshot a connection decides against."""
+    """One app compiled for deciding: its rules indexed, and the subset that may reach opened
+    special-purpose ranges. Immutable; a connection keeps this (one app), never a whole
+    snapshot."""
 
-    name: str
-    mode: Mode
+    app: App
     rules: CompiledRules
+    opened: CompiledRules  # address rules lying inside an opened special-purpose range
+    exceptions: SpecialExceptions
+
+    @classmethod
+    def compile(cls, app: App, exceptions: SpecialExceptions) -> AppPolicy:
+        opened = (
+            [
+                rule
+                for rule in app.allow
+                if isinstance(rule.target, Network)
+                and exceptions.contains_network(rule.target.network)
+            ]
+            if exceptions
+            else []
+        )
+        return cls(app, CompiledRules.compile(app.allow), CompiledRules.compile(opened), exceptions)
+
+    @property
+    def name(self) -> str:
+        return self.app.name
+
+    @property
+    def mode(self) -> Mode:
+        return self.app.mode
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,23 +89,24 @@ class Decision:
     """The outcome. ``rule`` is the canonical text of the rule that allowed, if one did.
 
     ``reported`` is true when report mode let through what enforce mode would deny; then
-    ``allowed`` is true and ``reason`` is the reason enforce mode would have given.
+    ``allowed`` is true and ``reason`` is the reason enforce mode would have given. ``detail``
+    says more about a special-purpose denial, for operators.
     """
 
     allowed: bool
     reason: Reason
     rule: str | None
     reported: bool = False
+    detail: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class NamePlan:
     """What to do with a name before DNS.
 
-    ``name_rule``: the rule that allows the name itself, if any (pass it to
-    :func:`decide_address`). ``must_resolve``: whether resolving can lead to an allowed
-    connection; if false, answer ``decision_if_not`` and do not resolve. When ``must_resolve``
-    is true, ``decision_if_not`` is the answer should no address be left to check.
+    ``name_rule``: the rule that allows the name itself, if any (pass it on to
+    :func:`decide_addresses`). ``must_resolve``: whether resolving can lead to an allowed
+    connection; if false, answer ``decision_if_not`` and do not resolve.
     """
 
     name_rule: Rule | None
@@ -83,9 +114,18 @@ class NamePlan:
     decision_if_not: Decision
 
 
+@dataclass(frozen=True, slots=True)
+class AddressDecision:
+    """The fold over every address of a destination: one decision, and the addresses that may
+    be dialled (allowed ones, in the order given, each once)."""
+
+    decision: Decision
+    addresses: tuple[IPAddress, ...]
+
+
 _DENY_NOT_ALLOWED = Decision(allowed=False, reason=Reason.NOT_ALLOWED, rule=None)
-_DENY_SPECIAL = Decision(allowed=False, reason=Reason.SPECIAL_ADDRESS, rule=None)
 _REPORTED_NOT_ALLOWED = Decision(allowed=True, reason=Reason.NOT_ALLOWED, rule=None, reported=True)
+_NAME_NOT_ALLOWED = NamePlan(name_rule=None, must_resolve=False, decision_if_not=_DENY_NOT_ALLOWED)
 
 
 def decide_name(app: AppPolicy, host: str, port: int) -> NamePlan:
@@ -98,29 +138,72 @@ def decide_name(app: AppPolicy, host: str, port: int) -> NamePlan:
     rule = app.rules.match_name(host, port)
     if rule is not None:
         return NamePlan(name_rule=rule, must_resolve=True, decision_if_not=_DENY_NOT_ALLOWED)
-    could_match = app.rules.has_address_rules_for_port(port) or app.mode is Mode.REPORT
-    return NamePlan(name_rule=None, must_resolve=could_match, decision_if_not=_DENY_NOT_ALLOWED)
+    if app.rules.has_address_rules_for_port(port) or app.mode is Mode.REPORT:
+        return NamePlan(name_rule=None, must_resolve=True, decision_if_not=_DENY_NOT_ALLOWED)
+    return _NAME_NOT_ALLOWED
 
 
 def decide_address(
-    app: AppPolicy,
-    ip: IPv4Address | IPv6Address,
-    port: int,
-    *,
-    name_rule: Rule | None,
-    exceptions: SpecialExceptions,
+    app: AppPolicy, ip: IPAddress, port: int, *, name_rule: Rule | None = None
 ) -> Decision:
-    """Judge one address the proxy would connect to (a literal, or one answer for a name).
+    """Judge one canonical address the proxy would connect to (a literal, or one answer).
 
-    Allowed when a rule covers it (``name_rule`` from :func:`decide_name`, or an address rule
-    for ``ip:port``) and it is not special-purpose, unless ``exceptions`` opens its range.
+    ``name_rule`` is the rule that allowed the name the address was resolved from, if any.
     """
-    ip = effective_address(ip)
-    if special_range(ip) is not None and not exceptions.covers(ip):
-        return _DENY_SPECIAL
+    special = canonical_special_range(ip)
+    if special is not None:
+        if not app.exceptions.covers_canonical(ip):
+            return Decision(False, Reason.SPECIAL_ADDRESS, None, detail=f"{ip} is {special}")
+        if name_rule is not None and isinstance(name_rule.target, HostExact):
+            return Decision(True, Reason.ALLOWED, name_rule.text)
+        rule = app.opened.match_address(ip, port)
+        if rule is not None:
+            return Decision(True, Reason.ALLOWED, rule.text)
+        if name_rule is None and app.mode is Mode.ENFORCE and not app.rules.match_address(ip, port):
+            return _DENY_NOT_ALLOWED  # opened, but nothing of this app's even covers it
+        return Decision(
+            False,
+            Reason.SPECIAL_ADDRESS,
+            None,
+            detail=(
+                f"{ip} is in an opened special-purpose range, which only a rule naming it"
+                " reaches (an address rule inside the range, or an exact host rule); wildcard"
+                " rules, wider address rules and report mode never do"
+            ),
+        )
     rule = name_rule if name_rule is not None else app.rules.match_address(ip, port)
     if rule is not None:
-        return Decision(allowed=True, reason=Reason.ALLOWED, rule=rule.text)
+        return Decision(True, Reason.ALLOWED, rule.text)
     if app.mode is Mode.REPORT:
         return _REPORTED_NOT_ALLOWED
     return _DENY_NOT_ALLOWED
+
+
+def decide_addresses(
+    app: AppPolicy, addresses: Iterable[IPAddress], port: int, *, name_rule: Rule | None = None
+) -> AddressDecision | None:
+    """Fold :func:`decide_address` over every canonical address of one destination.
+
+    The decision is the first one allowed by a rule, else the first reported one (report mode),
+    else the first special-purpose denial (the most useful reason to show), else the first
+    denial. ``None`` when there are no addresses at all.
+    """
+    allowed: list[IPAddress] = []
+    best_allowed: Decision | None = None
+    denial: Decision | None = None
+    for ip in dict.fromkeys(addresses):
+        decision = decide_address(app, ip, port, name_rule=name_rule)
+        if decision.allowed:
+            allowed.append(ip)
+            if best_allowed is None or (best_allowed.reported and not decision.reported):
+                best_allowed = decision
+        elif denial is None or (
+            decision.reason is Reason.SPECIAL_ADDRESS
+            and denial.reason is not Reason.SPECIAL_ADDRESS
+        ):
+            denial = decision
+    if best_allowed is not None:
+        return AddressDecision(best_allowed, tuple(allowed))
+    if denial is not None:
+        return AddressDecision(denial, ())
+    return None

@@ -17,7 +17,6 @@ from ipaddress import IPv4Address, IPv6Address
 
 from rules.addresses import PrefixMap
 from rules.model import HostExact, HostWildcard, Network, PortSet, Rule
-from rules.special import effective_address
 
 __all__ = ["CompiledRules"]
 
@@ -106,8 +105,12 @@ class CompiledRules:
         return None
 
     def match_address(self, ip: IPv4Address | IPv6Address, port: int) -> Rule | None:
-        """The rule whose network holds ``ip`` (normalised) and whose ports include ``port``."""
-        ip = effective_address(ip)
+        """The rule whose network holds ``ip`` and whose ports include ``port``.
+
+        ``ip`` must already be normalised by :func:`rules.special.effective_address` (the policy
+        does it once per address, at its boundary); a mapped form simply does not match IPv4
+        rules (fails closed).
+        """
         table = self._v4 if ip.version == 4 else self._v6
         for found in table.candidates(int(ip)):
             rule = _first_for_port(found, port)

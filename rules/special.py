@@ -23,6 +23,7 @@ from rules.addresses import PrefixMap, parse_network
 __all__ = [
     "SpecialExceptions",
     "SpecialRange",
+    "canonical_special_range",
     "effective_address",
     "normalise_network",
     "special_range",
@@ -85,6 +86,7 @@ class _Embed(Enum):
     """How to find the IPv4 address inside an IPv6 transition address."""
 
     NAT64 = "nat64"  # RFC 6052 /96 form: the low 32 bits
+    NAT64_LOCAL = "nat64-local"  # special unless opened; then judged where the opening says
     SIX_TO_FOUR = "6to4"  # RFC 3056: bits 16..47
     TEREDO = "teredo"  # RFC 4380: server in bits 32..63, client = NOT of the low 32 bits
 
@@ -129,9 +131,12 @@ _V6_SPECIAL: Final = (
 
 _V6_EMBEDDING: Final = (
     ("64:ff9b::/96", "nat64", _Embed.NAT64),
-    # Local-use NAT64 (RFC 8215): judged by the low 32 bits, i.e. assuming the /96 form that
-    # deployments use; the embedded IPv4 address must itself be public.
-    ("64:ff9b:1::/48", "nat64-local-use", _Embed.NAT64),
+    # Local-use NAT64 (RFC 8215): an operator may put its NAT64 prefix anywhere inside the /48,
+    # with a prefix length of 48, 56, 64 or 96, so the IPv4 address may sit at any of those
+    # RFC 6052 positions, and which one is unknowable from the address. So the range is special
+    # unless opened; an opening network of length 48, 56, 64 or 96 names the position, and the
+    # IPv4 address there must itself be public (see SpecialExceptions.covers).
+    ("64:ff9b:1::/48", "nat64-local-use", _Embed.NAT64_LOCAL),
     ("2001::/32", "teredo", _Embed.TEREDO),
     ("2002::/16", "6to4", _Embed.SIX_TO_FOUR),
 )
@@ -162,6 +167,34 @@ _V4_TABLE: Final = _v4_table()
 _V6_TABLE: Final = _v6_table()
 
 
+_NAT64_LOCAL: Final = IPv6Network("64:ff9b:1::/48")
+_RFC6052_LENGTHS: Final = (48, 56, 64, 96)
+
+
+def _rfc6052_ipv4(value: int, prefixlen: int) -> int:
+    """The IPv4 address an RFC 6052 (section 2.2) prefix of ``prefixlen`` bits embeds.
+
+    Bits are numbered from the top (bit 0 is the most significant); bits 64..71 (the "u" octet)
+    never carry address bits.
+    """
+    if prefixlen == 48:
+        return ((value >> 64) & 0xFFFF) << 16 | ((value >> 40) & 0xFFFF)  # bits 48-63, 72-87
+    if prefixlen == 56:
+        return ((value >> 64) & 0xFF) << 24 | ((value >> 32) & 0xFFFFFF)  # bits 56-63, 72-95
+    if prefixlen == 64:
+        return (value >> 24) & _LOW32  # bits 72-103
+    return value & _LOW32  # /96: bits 96-127
+
+
+def _local_nat64_special(value: int, lengths: Iterable[int]) -> SpecialRange | None:
+    """The special range of the IPv4 address embedded at any of the given positions."""
+    for length in lengths:
+        inner = _V4_TABLE.longest(_rfc6052_ipv4(value, length))
+        if inner is not None:
+            return inner
+    return None
+
+
 def _embedded(value: int, how: _Embed) -> tuple[int, ...]:
     if how is _Embed.NAT64:
         return (value & _LOW32,)
@@ -172,7 +205,12 @@ def _embedded(value: int, how: _Embed) -> tuple[int, ...]:
 
 def special_range(ip: IPv4Address | IPv6Address) -> SpecialRange | None:
     """The special-purpose range ``ip`` (normalised) falls in, or ``None`` for a public address."""
-    ip = effective_address(ip)
+    return canonical_special_range(effective_address(ip))
+
+
+def canonical_special_range(ip: IPv4Address | IPv6Address) -> SpecialRange | None:
+    """Like :func:`special_range` for an address already normalised by
+    :func:`effective_address` (the policy normalises each address once, at its boundary)."""
     if ip.version == 4:
         return _V4_TABLE.longest(int(ip))
     value = int(ip)
@@ -180,6 +218,8 @@ def special_range(ip: IPv4Address | IPv6Address) -> SpecialRange | None:
     if entry is None or isinstance(entry, SpecialRange):
         return entry
     network, name, how = entry
+    if how is _Embed.NAT64_LOCAL:
+        return SpecialRange(network, name)  # whatever it embeds: see SpecialExceptions.covers
     for v4 in _embedded(value, how):
         inner = _V4_TABLE.longest(v4)
         if inner is not None:
@@ -231,9 +271,42 @@ class SpecialExceptions:
 
     def covers(self, ip: IPv4Address | IPv6Address) -> bool:
         """Whether ``ip`` (normalised like every other check) lies in an opened network."""
-        ip = effective_address(ip)
-        table = self._v4 if ip.version == 4 else self._v6
-        return table.longest(int(ip)) is not None
+        return self.covers_canonical(effective_address(ip))
+
+    def covers_canonical(self, ip: IPv4Address | IPv6Address) -> bool:
+        """Like :meth:`covers`, for an address already normalised by :func:`effective_address`.
+
+        Opening part of the local-use NAT64 range (``64:ff9b:1::/48``) opens translation, not
+        whatever the address embeds: an opening network of length 48, 56, 64 or 96 says where
+        the IPv4 address sits (RFC 6052), any other length leaves every position possible, and a
+        special-purpose IPv4 address at such a position stays closed.
+        """
+        if ip.version == 4:
+            return self._v4.longest(int(ip)) is not None
+        value = int(ip)
+        opened = self._v6.longest(value)
+        if opened is None:
+            return False
+        if ip in _NAT64_LOCAL:
+            length = opened.prefixlen
+            lengths = (length,) if length in _RFC6052_LENGTHS else _RFC6052_LENGTHS
+            return _local_nat64_special(value, lengths) is None
+        return True
+
+    def contains_network(self, network: IPv4Network | IPv6Network) -> bool:
+        """Whether all of ``network`` (normalised) lies inside one opened network.
+
+        An address rule opens a special-purpose address only when it lies inside an opened
+        range: ``10.9.0.0/16`` does for ``allow_special = ["10.9.0.0/16"]``, ``0.0.0.0/0`` or
+        ``10.0.0.0/8`` do not (they are about the internet, not about the platform's database).
+        """
+        network = normalise_network(network)
+        table = self._v4 if network.version == 4 else self._v6
+        opened = table.longest(int(network.network_address))
+        return opened is not None and opened.prefixlen <= network.prefixlen
+
+    def __bool__(self) -> bool:
+        return bool(self._networks)
 
     def __repr__(self) -> str:
         return f"SpecialExceptions([{', '.join(repr(str(n)) for n in self._networks)}])"

@@ -80,7 +80,9 @@ def test_match_name(host: str, port: int, rule: str | None) -> None:
     ids=repr,
 )
 def test_match_address(address: str, port: int, rule: str | None) -> None:
-    found = RULES.match_address(ip_address(address), port)
+    # The policy normalises each address once (mapped and compatible forms to IPv4) before it
+    # reaches the matcher.
+    found = RULES.match_address(effective_address(ip_address(address)), port)
     assert (found.text if found else None) == rule
 
 
@@ -108,6 +110,11 @@ def test_first_rule_in_config_order_wins_among_equals() -> None:
     assert CompiledRules.compile([second, first]).match_name("a.example.com", 85) is second
     assert rules.rules == (first, second)
     assert len(rules) == 2
+
+
+def test_mapped_forms_are_the_callers_to_normalise() -> None:
+    """The matcher takes canonical addresses only: a mapped form fails closed."""
+    assert RULES.match_address(ip_address("::ffff:198.51.100.1"), 443) is None
 
 
 def test_empty_rules_match_nothing() -> None:
@@ -165,7 +172,7 @@ def _network_rule(draw: st.DrawFn) -> Rule:
 def test_match_address_agrees_with_linear_scan(
     rules: list[Rule], address: IPv4Address | IPv6Address, port: int
 ) -> None:
-    found = CompiledRules.compile(rules).match_address(address, port)
+    found = CompiledRules.compile(rules).match_address(effective_address(address), port)
     expected = _naive(rules, address, port)
     if not expected:
         assert found is None

@@ -56,8 +56,11 @@ SPECIAL_TABLE = [
     ("64:ff9b::a9fe:a9fe", "nat64", "link-local"),
     ("64:ff9b::10.0.0.1", "nat64", "private-use"),
     ("64:ff9b::808:808", None, None),
-    ("64:ff9b:1::a00:1", "nat64-local-use", "private-use"),
-    ("64:ff9b:1::808:808", None, None),
+    # Local-use NAT64 (RFC 8215): the IPv4 address may sit at any RFC 6052 position, so the
+    # range is special unless opened (then judged where the opening says: see below).
+    ("64:ff9b:1::a00:1", "nat64-local-use", None),
+    ("64:ff9b:1::808:808", "nat64-local-use", None),
+    ("64:ff9b:1:a9fe:a9:fe00:5db8:d70e", "nat64-local-use", None),
     ("2002:a9fe:a9fe::", "6to4", "link-local"),
     ("2002:7f00:1::1", "6to4", "loopback"),
     ("2002:0808:0808::", None, None),
@@ -130,6 +133,56 @@ def test_special_range_str_names_the_embedding() -> None:
 def test_exceptions_cover(address: str, covered: bool) -> None:
     exceptions = SpecialExceptions.parse(["10.8.0.0/16", "fd00::/8", "::ffff:192.168.0.0/112"])
     assert exceptions.covers(ip_address(address)) is covered
+
+
+# 64:ff9b:1:a9fe:a9:fe00:5db8:d70e holds 169.254.169.254 at the /48 position (bits 48-63 and
+# 72-87) and the public 93.184.215.14 in the low 32 bits (the /96 position).
+@pytest.mark.parametrize(
+    ("opened", "address", "covered"),
+    [
+        # the /96 layout: only the low 32 bits count
+        ("64:ff9b:1::/96", "64:ff9b:1::5db8:d70e", True),
+        ("64:ff9b:1::/96", "64:ff9b:1::a9fe:a9fe", False),
+        ("64:ff9b:1::/96", "64:ff9b:1:a9fe:a9:fe00:5db8:d70e", False),  # outside the /96
+        # the /48 layout
+        ("64:ff9b:1::/48", "64:ff9b:1:a9fe:a9:fe00:5db8:d70e", False),
+        ("64:ff9b:1::/48", "64:ff9b:1:5db8:d7:e00::", True),
+        # /56 and /64 layouts
+        ("64:ff9b:1:100::/56", "64:ff9b:1:15d:b8:d70e::", True),
+        ("64:ff9b:1:100::/56", "64:ff9b:1:1a9:fe:a9fe::", False),
+        ("64:ff9b:1:2::/64", "64:ff9b:1:2:5d:b8d7:e00:0", True),
+        ("64:ff9b:1:2::/64", "64:ff9b:1:2:a9:fea9:fe00:0", False),
+        # a length that names no position: special if any position is
+        ("64:ff9b:1::/80", "64:ff9b:1::5db8:d70e", False),
+        # the well-known prefix is /96 only, and judged there whatever is opened
+        ("10.0.0.0/8", "64:ff9b::5db8:d70e", False),
+    ],
+    ids=repr,
+)
+def test_opening_local_use_nat64_names_the_position(
+    opened: str, address: str, covered: bool
+) -> None:
+    assert SpecialExceptions.parse([opened]).covers(ip_address(address)) is covered
+
+
+@pytest.mark.parametrize(
+    ("network", "inside"),
+    [
+        ("10.8.0.0/16", True),
+        ("10.8.3.0/24", True),
+        ("10.8.3.4/32", True),
+        ("10.0.0.0/8", False),  # wider than the opening
+        ("0.0.0.0/0", False),
+        ("10.9.0.0/16", False),
+        ("::ffff:10.8.0.0/112", True),
+        ("fd00:8::/32", True),
+        ("fd00::/8", False),
+    ],
+    ids=repr,
+)
+def test_exceptions_contain_network(network: str, inside: bool) -> None:
+    exceptions = SpecialExceptions.parse(["10.8.0.0/16", "fd00:8::/32"])
+    assert exceptions.contains_network(ip_network(network)) is inside
 
 
 def test_exceptions_normalise_mapped_networks() -> None:
