@@ -1,17 +1,22 @@
-"""The ``egress`` command."""
+"""egress: a network egress proxy and firewall controller for multi-tenant app hosting.
+
+Exit codes: 0 success, 1 a check that found a problem (firewall status), 2 a bad config or a
+failed start, 130 interrupted.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import sys
 from collections.abc import Callable, Coroutine, Sequence
-from pathlib import Path
 from typing import Any
 
 from egress import __version__, oplog
 from egress.config import load_config, summarize
-from egress.errors import EgressError
+from egress.config.lint import warnings_for
+from egress.errors import ConfigError, EgressError
 from egress.firewall.cli import add_firewall_commands
 
 
@@ -28,28 +33,64 @@ def loop_factory(kind: str) -> Callable[[], asyncio.AbstractEventLoop]:
     return asyncio.new_event_loop
 
 
+def loop_name(kind: str) -> str:
+    """The event loop ``kind`` resolves to: "uvloop" or "asyncio"."""
+    return "uvloop" if loop_factory(kind) is not asyncio.new_event_loop else "asyncio"
+
+
 def run_on_loop(kind: str, coro: Coroutine[Any, Any, None]) -> None:
     with asyncio.Runner(loop_factory=loop_factory(kind)) as runner:
         runner.run(coro)
 
 
 def _cmd_proxy(args: argparse.Namespace) -> int:
+    """The daemon speaks JSON lines on stderr from its first word: a failed start is one error
+    line (every config problem in it), and the exit status is 2."""
     from egress.runtime import serve  # noqa: PLC0415 - keep check-config free of asyncio deps
 
-    config = load_config(args.config)
-    oplog.configure(config.log.level)
-    run_on_loop(args.loop, serve(Path(args.config)))
+    oplog.configure("info")
+    log = logging.getLogger("egress")
+    try:
+        config = load_config(args.config)
+        oplog.set_level(config.log.level)
+        for warning in warnings_for(config):
+            log.warning("config warning", extra={"warning": warning})
+        run_on_loop(args.loop, serve(config, loop_name=loop_name(args.loop)))
+    except ConfigError as exc:
+        log.error(
+            "cannot start: bad config",
+            extra={"config": args.config, "problems": [str(p) for p in exc.problems]},
+        )
+        return 2
+    except EgressError as exc:
+        log.error("cannot start", extra={"config": args.config, "error": str(exc)})
+        return 2
     return 0
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
-    config = load_config(args.file)
+    path = args.config or args.file
+    if path is None:
+        raise EgressError("check-config: give the file, as --config FILE (or FILE)")
+    config = load_config(path)
     print(summarize(config))
+    warnings = warnings_for(config)
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    if warnings:
+        print(
+            f"{len(warnings)} warning(s); the config is valid (exit 0). Errors exit 2.",
+            file=sys.stderr,
+        )
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="egress", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="egress",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--version", action="version", version=f"egress {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -63,8 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     proxy.set_defaults(handler=_cmd_proxy)
 
-    check = sub.add_parser("check-config", help="validate a config file and print a summary")
-    check.add_argument("file")
+    check = sub.add_parser(
+        "check-config",
+        help="validate a config file, print a summary and warnings (exit 0), errors (exit 2)",
+    )
+    check.add_argument("--config", help="TOML config file")
+    check.add_argument("file", nargs="?", help="the same, positionally")
     check.set_defaults(handler=_cmd_check_config)
     add_firewall_commands(sub)
     return parser

@@ -8,7 +8,21 @@ per-connection path.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import platform
+import time
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
+)
+
+from egress import __version__
 
 # The app label for a client whose uid maps to no app. App names cannot start with "_".
 UNKNOWN_APP = "_unknown"
@@ -33,12 +47,27 @@ _LATENCY_BUCKETS = (
 )
 
 
+def register_process_metrics(registry: CollectorRegistry, *, loop: str = "") -> None:
+    """The standard ``process_*`` and ``python_info`` series, and ``egress_build_info``.
+
+    Also turns off the ``*_created`` series, which double every counter's series for a timestamp
+    nobody graphs (the switch is process-wide in prometheus_client; egress owns its processes).
+    """
+    disable_created_metrics()  # type: ignore[no-untyped-call]
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    Info("egress_build", "The running egress build.", registry=registry).info(
+        {"version": __version__, "python": platform.python_version(), "loop": loop}
+    )
+
+
 class ProxyMetrics:
     """Every metric the proxy exports, with cheap accessors for the hot path."""
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None, *, loop: str = "") -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
+        register_process_metrics(r, loop=loop)
         self._connections = Counter(
             "egress_connections",
             "Client connections by app, listener, decision (allowed/denied/reported) and reason.",
@@ -86,16 +115,43 @@ class ProxyMetrics:
             registry=r,
         )
         self._reloads = Counter(
-            "egress_config_reloads", "Rule reloads by result (ok, error).", ["result"], registry=r
+            "egress_config_reloads",
+            "Config file reloads (SIGHUP) by result (ok, error).",
+            ["result"],
+            registry=r,
         )
         self.last_reload_success = Gauge(
             "egress_config_last_reload_success_timestamp_seconds",
-            "Unix time of the last rules snapshot that was loaded successfully.",
+            "Unix time the config file was last read successfully (start or SIGHUP).",
             registry=r,
         )
         self.connections_refused_over_limit = Counter(
             "egress_connections_over_limit",
             "Connections closed at accept because [proxy].max_connections was reached.",
+            registry=r,
+        )
+        self.connection_log_dropped = Counter(
+            "egress_connection_log_dropped_lines",
+            "Connection log lines dropped because the log could not keep up or failed.",
+            registry=r,
+        )
+        self._rules_updates = Counter(
+            "egress_rules_updates",
+            "Rule set updates by result: ok (installed) or error (kept the previous rules).",
+            ["result"],
+            registry=r,
+        )
+        self.rules_version = Gauge(
+            "egress_rules_version", "Version of the rules snapshot in force.", registry=r
+        )
+        self.rules_compile_seconds = Gauge(
+            "egress_rules_compile_seconds",
+            "Time the last installed rules snapshot took to compile (event loop yielding).",
+            registry=r,
+        )
+        self.rules_last_update_success = Gauge(
+            "egress_rules_last_update_success_timestamp_seconds",
+            "Unix time the rules snapshot in force was installed.",
             registry=r,
         )
         self._children: dict[tuple[str, ...], object] = {}
@@ -133,6 +189,16 @@ class ProxyMetrics:
 
     def reload(self, *, ok: bool) -> None:
         self._reloads.labels("ok" if ok else "error").inc()
+        if ok:
+            self.last_reload_success.set(time.time())
+
+    def rules_update(self, *, ok: bool) -> None:
+        self._rules_updates.labels("ok" if ok else "error").inc()
+
+    def rules_installed(self, version: int, seconds: float) -> None:
+        self.rules_version.set(version)
+        self.rules_compile_seconds.set(seconds)
+        self.rules_last_update_success.set(time.time())
 
     def _gauge_child(self, app: str) -> Gauge:
         key = ("t", app)

@@ -29,6 +29,10 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, separators=(",", ":"))
 
 
+def set_level(level: str) -> None:
+    logging.getLogger().setLevel(level.upper())
+
+
 def configure(level: str) -> None:
     handler = logging.StreamHandler()
     handler.setFormatter(JsonFormatter())

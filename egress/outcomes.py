@@ -1,84 +1,179 @@
 """One table maps every connection outcome to the wire, the metrics and the log.
 
-A SOCKS5 reply code, an HTTP status, an RFC 9209 ``Proxy-Status`` error type, a metric ``reason``
-label and the log's ``reason`` field all come from the same row, so the vocabulary is the same
-everywhere an operator looks.
+Each :class:`Outcome` has exactly one :class:`Row`: the ``decision`` label it is counted under,
+the SOCKS5 reply code, the HTTP status, the RFC 9209 ``Proxy-Status`` error type, the extra
+headers its HTTP reply carries and the default one-line detail. The outcome's value is the
+metric ``reason`` label and the log's ``reason`` field. Nothing else maps outcomes to codes or
+texts, so the vocabulary is the same everywhere an operator (or a sandboxed app) looks.
+
+``socks5`` and ``http`` are ``None`` for outcomes that get no reply at all: the connection is
+closed (refused at accept, timed out, or the client already left).
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
+from types import MappingProxyType
+from typing import Final
 
 
 class Outcome(StrEnum):
     """Why a connection ended the way it did. Values are the metric and log vocabulary."""
 
     ALLOWED = "allowed"
-    NOT_ALLOWED = "not_allowed"  # no rule of the app covers the destination
-    SPECIAL_ADDRESS = "special_address"  # destination (or each resolved address) is special
-    UNKNOWN_CLIENT = "unknown_client"  # the kernel-reported uid maps to no app
-    AUTH_REQUIRED = "auth_required"  # app needs proxy credentials, none were offered
-    AUTH_FAILED = "auth_failed"  # credentials offered but wrong
-    BAD_REQUEST = "bad_request"  # malformed or oversized handshake
-    BAD_ADDRESS = "bad_address"  # unsupported address type or an invalid host/IP spelling
-    UNSUPPORTED_COMMAND = "unsupported_command"  # SOCKS5 BIND / UDP ASSOCIATE
+    NOT_ALLOWED = "not_allowed"
+    SPECIAL_ADDRESS = "special_address"
+    UNKNOWN_CLIENT = "unknown_client"
+    IDENTITY_ERROR = "identity_error"
+    AUTH_REQUIRED = "auth_required"
+    AUTH_FAILED = "auth_failed"
+    RATE_LIMITED = "rate_limited"
+    CONNECTION_LIMIT = "connection_limit"
+    HANDSHAKE_LIMIT = "handshake_limit"
+    BAD_REQUEST = "bad_request"
+    BAD_ADDRESS = "bad_address"
+    UNSUPPORTED_COMMAND = "unsupported_command"
     HANDSHAKE_TIMEOUT = "handshake_timeout"
-    DNS_FAILURE = "dns_failure"  # NXDOMAIN, SERVFAIL, no A/AAAA
+    CLIENT_CLOSED = "client_closed"
+    DNS_FAILURE = "dns_failure"
     DNS_TIMEOUT = "dns_timeout"
     CONNECT_REFUSED = "connect_refused"
     CONNECT_TIMEOUT = "connect_timeout"
-    UNREACHABLE = "unreachable"  # network or host unreachable
-    UPSTREAM_ERROR = "upstream_error"  # any other failure talking to the upstream
-    RATE_LIMITED = "rate_limited"
+    UNREACHABLE = "unreachable"
+    UPSTREAM_ERROR = "upstream_error"
     SHUTTING_DOWN = "shutting_down"
-    CONNECTION_LIMIT = "connection_limit"  # [proxy].max_connections reached at accept
-    CLIENT_CLOSED = "client_closed"  # the client hung up before a reply (scanners, impatience)
-    IDENTITY_ERROR = "identity_error"  # the kernel could not say who owns the client socket
 
 
-@dataclass(frozen=True, slots=True)
-class WireReply:
-    """How one outcome is spelled on each protocol."""
+class DecisionLabel(StrEnum):
+    """The metric and log ``decision``: what kind of ending an outcome is."""
 
-    socks5_code: int
-    http_status: int
-    proxy_status_error: str | None  # RFC 9209 error type; None for success
+    ALLOWED = "allowed"  # relayed
+    REPORTED = "reported"  # relayed in report mode although enforce mode would have denied it
+    DENIED = "denied"  # refused on purpose: rules, identity, credentials, limits
+    ERROR = "error"  # never reached a decision, or failed after it: protocol, DNS, upstream
 
 
 # SOCKS5 reply codes (RFC 1928 section 6).
-SOCKS5_SUCCEEDED = 0x00
-SOCKS5_GENERAL_FAILURE = 0x01
-SOCKS5_NOT_ALLOWED = 0x02
-SOCKS5_NETWORK_UNREACHABLE = 0x03
-SOCKS5_HOST_UNREACHABLE = 0x04
-SOCKS5_CONNECTION_REFUSED = 0x05
-SOCKS5_TTL_EXPIRED = 0x06
-SOCKS5_COMMAND_NOT_SUPPORTED = 0x07
-SOCKS5_ADDRESS_TYPE_NOT_SUPPORTED = 0x08
+SOCKS5_SUCCEEDED: Final = 0x00
+SOCKS5_GENERAL_FAILURE: Final = 0x01
+SOCKS5_NOT_ALLOWED: Final = 0x02
+SOCKS5_NETWORK_UNREACHABLE: Final = 0x03
+SOCKS5_HOST_UNREACHABLE: Final = 0x04
+SOCKS5_CONNECTION_REFUSED: Final = 0x05
+SOCKS5_TTL_EXPIRED: Final = 0x06
+SOCKS5_COMMAND_NOT_SUPPORTED: Final = 0x07
+SOCKS5_ADDRESS_TYPE_NOT_SUPPORTED: Final = 0x08
 
-WIRE: dict[Outcome, WireReply] = {
-    Outcome.ALLOWED: WireReply(SOCKS5_SUCCEEDED, 200, None),
-    Outcome.NOT_ALLOWED: WireReply(SOCKS5_NOT_ALLOWED, 403, "destination_ip_prohibited"),
-    Outcome.SPECIAL_ADDRESS: WireReply(SOCKS5_NOT_ALLOWED, 403, "destination_ip_prohibited"),
-    Outcome.UNKNOWN_CLIENT: WireReply(SOCKS5_NOT_ALLOWED, 403, "http_request_denied"),
-    Outcome.AUTH_REQUIRED: WireReply(SOCKS5_NOT_ALLOWED, 407, "http_request_denied"),
-    Outcome.AUTH_FAILED: WireReply(SOCKS5_NOT_ALLOWED, 407, "http_request_denied"),
-    Outcome.BAD_REQUEST: WireReply(SOCKS5_GENERAL_FAILURE, 400, "http_request_error"),
-    Outcome.BAD_ADDRESS: WireReply(SOCKS5_ADDRESS_TYPE_NOT_SUPPORTED, 400, "http_request_error"),
-    Outcome.UNSUPPORTED_COMMAND: WireReply(
-        SOCKS5_COMMAND_NOT_SUPPORTED, 405, "http_request_denied"
-    ),
-    Outcome.HANDSHAKE_TIMEOUT: WireReply(SOCKS5_GENERAL_FAILURE, 408, "http_request_error"),
-    Outcome.DNS_FAILURE: WireReply(SOCKS5_HOST_UNREACHABLE, 502, "dns_error"),
-    Outcome.DNS_TIMEOUT: WireReply(SOCKS5_HOST_UNREACHABLE, 504, "dns_timeout"),
-    Outcome.CONNECT_REFUSED: WireReply(SOCKS5_CONNECTION_REFUSED, 502, "connection_refused"),
-    Outcome.CONNECT_TIMEOUT: WireReply(SOCKS5_TTL_EXPIRED, 504, "connection_timeout"),
-    Outcome.UNREACHABLE: WireReply(SOCKS5_HOST_UNREACHABLE, 502, "destination_unavailable"),
-    Outcome.UPSTREAM_ERROR: WireReply(SOCKS5_GENERAL_FAILURE, 502, "proxy_internal_error"),
-    Outcome.RATE_LIMITED: WireReply(SOCKS5_NOT_ALLOWED, 429, "connection_limit_reached"),
-    Outcome.SHUTTING_DOWN: WireReply(SOCKS5_GENERAL_FAILURE, 503, "proxy_internal_error"),
-    Outcome.CONNECTION_LIMIT: WireReply(SOCKS5_GENERAL_FAILURE, 503, "connection_limit_reached"),
-    Outcome.CLIENT_CLOSED: WireReply(SOCKS5_GENERAL_FAILURE, 400, "http_request_error"),  # unsent
-    Outcome.IDENTITY_ERROR: WireReply(SOCKS5_NOT_ALLOWED, 403, "http_request_denied"),
-}
+PROXY_AUTHENTICATE: Final = ("Proxy-Authenticate", 'Basic realm="egress"')
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    """How one outcome is counted, logged and spelled on each protocol."""
+
+    decision: DecisionLabel
+    socks5: int | None  # RFC 1928 reply code; None: closed without a reply
+    http: int | None  # HTTP status; None: closed without a reply
+    proxy_status: str | None  # RFC 9209 error type; None for success or no reply
+    detail: str  # the default one-line detail, when nothing more specific is known
+    challenge: bool = False  # the HTTP reply carries Proxy-Authenticate
+    retry_after: bool = False  # the HTTP reply carries Retry-After (seconds, from the verdict)
+
+    def http_headers(self, retry_after: float | None = None) -> list[tuple[str, str]]:
+        """The extra headers of this outcome's HTTP reply."""
+        headers: list[tuple[str, str]] = []
+        if self.challenge:
+            headers.append(PROXY_AUTHENTICATE)
+        if self.retry_after:
+            headers.append(("Retry-After", str(max(1, math.ceil(retry_after or 1)))))
+        return headers
+
+
+_D, _R = DecisionLabel.DENIED, DecisionLabel.ERROR
+_DENIED_IP: Final = "destination_ip_prohibited"
+_DENIED: Final = "http_request_denied"
+_BAD: Final = "http_request_error"
+
+OUTCOMES: Final[Mapping[Outcome, Row]] = MappingProxyType(
+    {
+        Outcome.ALLOWED: Row(DecisionLabel.ALLOWED, SOCKS5_SUCCEEDED, 200, None, "allowed"),
+        Outcome.NOT_ALLOWED: Row(
+            _D, SOCKS5_NOT_ALLOWED, 403, _DENIED_IP, "no rule of this app allows the destination"
+        ),
+        Outcome.SPECIAL_ADDRESS: Row(
+            _D, SOCKS5_NOT_ALLOWED, 403, _DENIED_IP, "destination is a special-purpose address"
+        ),
+        Outcome.UNKNOWN_CLIENT: Row(
+            _D, None, None, None, "the connecting uid belongs to no app; refused at accept"
+        ),
+        Outcome.IDENTITY_ERROR: Row(
+            _R, None, None, None, "the kernel could not confirm who owns the client socket"
+        ),
+        Outcome.AUTH_REQUIRED: Row(
+            _D, SOCKS5_NOT_ALLOWED, 407, _DENIED, "proxy credentials required", challenge=True
+        ),
+        Outcome.AUTH_FAILED: Row(
+            _D, SOCKS5_NOT_ALLOWED, 407, _DENIED, "proxy credentials rejected", challenge=True
+        ),
+        Outcome.RATE_LIMITED: Row(
+            _D,
+            SOCKS5_NOT_ALLOWED,
+            429,
+            "connection_limit_reached",
+            "this app opens connections faster than its limit",
+            retry_after=True,
+        ),
+        Outcome.CONNECTION_LIMIT: Row(
+            _D, None, None, None, "proxy.max_connections reached; refused at accept"
+        ),
+        Outcome.HANDSHAKE_LIMIT: Row(
+            _D, None, None, None, "proxy.max_handshakes_per_app reached; refused at accept"
+        ),
+        Outcome.BAD_REQUEST: Row(
+            _R, SOCKS5_GENERAL_FAILURE, 400, _BAD, "malformed or oversized request"
+        ),
+        Outcome.BAD_ADDRESS: Row(
+            _R, SOCKS5_ADDRESS_TYPE_NOT_SUPPORTED, 400, _BAD, "invalid destination address"
+        ),
+        Outcome.UNSUPPORTED_COMMAND: Row(
+            _R, SOCKS5_COMMAND_NOT_SUPPORTED, 405, _DENIED, "only CONNECT is supported"
+        ),
+        Outcome.HANDSHAKE_TIMEOUT: Row(
+            _R, None, None, None, "no complete request within proxy.handshake_timeout"
+        ),
+        Outcome.CLIENT_CLOSED: Row(_R, None, None, None, "the client closed before a reply"),
+        Outcome.DNS_FAILURE: Row(
+            _R, SOCKS5_HOST_UNREACHABLE, 502, "dns_error", "the name did not resolve"
+        ),
+        Outcome.DNS_TIMEOUT: Row(
+            _R, SOCKS5_HOST_UNREACHABLE, 504, "dns_timeout", "no DNS answer in time"
+        ),
+        Outcome.CONNECT_REFUSED: Row(
+            _R, SOCKS5_CONNECTION_REFUSED, 502, "connection_refused", "the upstream refused"
+        ),
+        Outcome.CONNECT_TIMEOUT: Row(
+            _R, SOCKS5_TTL_EXPIRED, 504, "connection_timeout", "no connection within the deadline"
+        ),
+        Outcome.UNREACHABLE: Row(
+            _R, SOCKS5_HOST_UNREACHABLE, 502, "destination_unavailable", "no route to the upstream"
+        ),
+        Outcome.UPSTREAM_ERROR: Row(
+            _R,
+            SOCKS5_GENERAL_FAILURE,
+            502,
+            "proxy_internal_error",
+            "talking to the upstream failed",
+        ),
+        Outcome.SHUTTING_DOWN: Row(
+            _R, SOCKS5_GENERAL_FAILURE, 503, "proxy_internal_error", "the proxy is shutting down"
+        ),
+    }
+)
+
+
+def row(outcome: Outcome) -> Row:
+    """The row of ``outcome``."""
+    return OUTCOMES[outcome]

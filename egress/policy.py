@@ -1,164 +1,169 @@
-"""Policy wiring: the one place that combines rules, the resolver and (later) rate limits.
+"""The policy as pure steps around one asynchronous step, name resolution.
 
-``rules.decide`` stays pure; this module adds the only asynchronous step, name resolution, and
-turns everything into a :class:`Verdict` whose ``addresses`` are the only ones the dialer may use.
+This is the one place that combines :mod:`rules` (what an app may reach) with :mod:`ratelimit`
+(how often), and turns both into a :class:`Verdict` whose ``addresses`` are the only ones the
+dialer may use::
+
+    step = first_step(app, host, port)          # pure: a literal is decided here
+    if isinstance(step, Lookup):
+        resolution = await resolve(step.name)   # the only await
+        verdict = after_lookup(app, step, resolution.addresses)   # pure fold
+    verdict = combine(verdict, limit)           # pure: a rate-limit answer, report mode
+
+Addresses are normalised (:func:`rules.special.effective_address`) exactly once, here, where they
+enter the policy; everything below works on the canonical form.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 
-from egress.config import AppConfig, Config
-from egress.metrics import ProxyMetrics
-from egress.outcomes import Outcome
-from egress.resolver import ResolveError, ResolveFailure, Resolver
-from rules.decide import AppPolicy, Decision, Reason, decide_address, decide_name
-from rules.match import CompiledRules
-from rules.special import SpecialExceptions, effective_address
+from egress.outcomes import OUTCOMES, DecisionLabel, Outcome
+from egress.resolver import Resolution, ResolveError, ResolveFailure
+from ratelimit.base import LimitResult
+from rules.decide import AppPolicy, Decision, decide_address, decide_addresses, decide_name
+from rules.model import Rule
+from rules.special import effective_address
+
+__all__ = [
+    "Lookup",
+    "Verdict",
+    "after_lookup",
+    "after_lookup_failure",
+    "combine",
+    "evaluate",
+    "first_step",
+]
 
 IPAddress = IPv4Address | IPv6Address
-
-_REASON_TO_OUTCOME = {
-    Reason.ALLOWED: Outcome.ALLOWED,
-    Reason.NOT_ALLOWED: Outcome.NOT_ALLOWED,
-    Reason.SPECIAL_ADDRESS: Outcome.SPECIAL_ADDRESS,
-}
-_RESOLVE_TO_OUTCOME = {
-    ResolveFailure.TIMEOUT: Outcome.DNS_TIMEOUT,
-}
-
-
-@dataclass(frozen=True, slots=True)
-class AppRuntime:
-    """An app as the proxy uses it: its config and its compiled policy."""
-
-    config: AppConfig
-    policy: AppPolicy
-
-    @property
-    def name(self) -> str:
-        return self.config.name
+NamesFor = Callable[[IPAddress], Iterable[str]]
 
 
 @dataclass(frozen=True, slots=True)
 class Verdict:
-    """The policy's answer for one request. ``addresses`` are checked and the only ones to dial."""
+    """The policy's answer for one request. ``addresses`` are checked and the only ones to dial.
 
-    allowed: bool
+    ``would_deny`` (report mode) is why enforce mode would have denied what was let through;
+    ``retry_after`` (seconds) comes with ``rate_limited``.
+    """
+
     outcome: Outcome
-    rule: str | None
-    reported: bool = False
+    rule: str | None = None
     addresses: tuple[IPAddress, ...] = ()
+    reported: bool = False
+    would_deny: Outcome | None = None
     detail: str | None = None
-    would_deny: Outcome | None = None  # report mode: why enforce mode would have denied it
+    retry_after: float | None = None
 
     @property
-    def decision(self) -> str:
-        """The metric/log ``decision`` label: allowed, denied or reported."""
-        if not self.allowed:
-            return "denied"
-        return "reported" if self.reported else "allowed"
+    def allowed(self) -> bool:
+        return self.outcome is Outcome.ALLOWED
+
+    @property
+    def decision(self) -> DecisionLabel:
+        """The metric and log ``decision`` label."""
+        if self.reported and self.allowed:
+            return DecisionLabel.REPORTED
+        return OUTCOMES[self.outcome].decision
+
+    @property
+    def reason(self) -> Outcome:
+        """The metric and log ``reason``: in report mode, why enforce mode would have denied."""
+        return self.would_deny if self.would_deny is not None else self.outcome
 
 
-class PolicySnapshot:
-    """An immutable view of the apps and exceptions; replaced whole on reload."""
+@dataclass(frozen=True, slots=True)
+class Lookup:
+    """The name must be resolved before it can be decided (see :func:`after_lookup`)."""
 
-    __slots__ = ("apps", "config", "exceptions")
-
-    def __init__(self, config: Config) -> None:
-        self.config = config
-        self.exceptions: SpecialExceptions = config.security.special_exceptions
-        self.apps: Mapping[str, AppRuntime] = {
-            app.name: AppRuntime(
-                app, AppPolicy(name=app.name, mode=app.mode, rules=CompiledRules.compile(app.allow))
-            )
-            for app in config.apps
-        }
-
-    def app_for_uid(self, uid: int) -> AppRuntime | None:
-        app = self.config.app_for_uid(uid)
-        return None if app is None else self.apps[app.name]
+    name: str
+    port: int
+    name_rule: Rule | None
 
 
-def _from_decision(decision: Decision, addresses: tuple[IPAddress, ...] = ()) -> Verdict:
+def _verdict(decision: Decision, addresses: tuple[IPAddress, ...] = ()) -> Verdict:
+    reason = Outcome(decision.reason.value)  # rules.decide.Reason values are Outcome values
+    if not decision.allowed:
+        return Verdict(reason, detail=decision.detail)
     return Verdict(
-        allowed=decision.allowed,
-        outcome=_REASON_TO_OUTCOME[decision.reason] if not decision.allowed else Outcome.ALLOWED,
-        rule=decision.rule,
+        Outcome.ALLOWED,
+        decision.rule,
+        addresses,
         reported=decision.reported,
-        addresses=addresses if decision.allowed else (),
-        would_deny=_REASON_TO_OUTCOME[decision.reason] if decision.reported else None,
+        would_deny=reason if decision.reported else None,
     )
 
 
-async def evaluate(
-    snapshot: PolicySnapshot,
-    app: AppRuntime,
-    host: str | IPAddress,
-    port: int,
-    *,
-    resolver: Resolver,
-    metrics: ProxyMetrics,
-    names_from_cache: bool = False,
-) -> Verdict:
-    """Decide one request; ``host`` already went through ``rules.addresses.canonical_host``.
+def first_step(
+    app: AppPolicy, host: str | IPAddress, port: int, *, names_for: NamesFor | None = None
+) -> Verdict | Lookup:
+    """Decide what can be decided before DNS. ``host`` went through ``canonical_host``.
 
-    ``names_from_cache`` (transparent mode, where the client only gives an address) lets a
-    name rule match an address that the proxy itself resolved for that name and still has in
-    its cache; what the client claims about names is never used.
+    An address is decided at once. ``names_for`` (transparent mode, where the client gives only
+    an address) lets a name rule match an address that the proxy itself resolved for that name
+    and still has cached; what a client claims about names is never used. A name that no rule
+    could allow on ``port`` is denied without a lookup.
     """
     if not isinstance(host, str):
         address = effective_address(host)
         name_rule = None
-        if names_from_cache:
-            for name in resolver.cached_names_for(address):
-                name_rule = app.policy.rules.match_name(name, port)
+        if names_for is not None:
+            for name in names_for(address):
+                name_rule = app.rules.match_name(name, port)
                 if name_rule is not None:
                     break
-        decision = decide_address(
-            app.policy, address, port, name_rule=name_rule, exceptions=snapshot.exceptions
-        )
-        return _from_decision(decision, (address,))
-
-    plan = decide_name(app.policy, host, port)
+        return _verdict(decide_address(app, address, port, name_rule=name_rule), (address,))
+    plan = decide_name(app, host, port)
     if not plan.must_resolve:
-        return _from_decision(plan.decision_if_not)
+        return _verdict(plan.decision_if_not)
+    return Lookup(host, port, plan.name_rule)
 
-    started = time.perf_counter()
-    try:
-        resolution = await resolver.resolve(host)
-    except ResolveError as exc:
-        metrics.dns_seconds.observe(time.perf_counter() - started)
-        metrics.dns_lookup(str(exc.kind))
-        return Verdict(
-            allowed=False,
-            outcome=_RESOLVE_TO_OUTCOME.get(exc.kind, Outcome.DNS_FAILURE),
-            rule=None,
-            detail=str(exc),
-        )
-    metrics.dns_seconds.observe(time.perf_counter() - started)
-    metrics.dns_lookup("cached" if resolution.from_cache else "ok")
 
-    allowed: list[IPAddress] = []
-    first_allowed: Decision | None = None
-    first_denied: Decision | None = None
-    for raw in resolution.addresses:
-        address = effective_address(raw)
-        decision = decide_address(
-            app.policy, address, port, name_rule=plan.name_rule, exceptions=snapshot.exceptions
-        )
-        if decision.allowed:
-            if address not in allowed:
-                allowed.append(address)
-            if first_allowed is None:
-                first_allowed = decision
-        elif first_denied is None or decision.reason is Reason.SPECIAL_ADDRESS:
-            first_denied = decision
-    if first_allowed is not None:
-        return _from_decision(first_allowed, tuple(allowed))
-    if first_denied is not None:
-        return _from_decision(first_denied)
-    return Verdict(allowed=False, outcome=Outcome.DNS_FAILURE, rule=None, detail="no addresses")
+def after_lookup(app: AppPolicy, lookup: Lookup, addresses: Sequence[IPAddress]) -> Verdict:
+    """Fold the decision over every resolved address: dial only the allowed ones."""
+    folded = decide_addresses(
+        app, (effective_address(a) for a in addresses), lookup.port, name_rule=lookup.name_rule
+    )
+    if folded is None:
+        return Verdict(Outcome.DNS_FAILURE, detail="the name has no addresses")
+    return _verdict(folded.decision, folded.addresses)
+
+
+def after_lookup_failure(error: ResolveError) -> Verdict:
+    timeout = error.kind is ResolveFailure.TIMEOUT
+    return Verdict(Outcome.DNS_TIMEOUT if timeout else Outcome.DNS_FAILURE, detail=str(error))
+
+
+def combine(verdict: Verdict, limit: LimitResult | None) -> Verdict:
+    """Apply a rate-limit answer to an allowed verdict (a denial stays what it is)."""
+    if limit is None or limit.allowed or not verdict.allowed:
+        return verdict
+    return Verdict(
+        Outcome.RATE_LIMITED,
+        verdict.rule,
+        detail=f"retry in {limit.retry_after_seconds:.3g} s",
+        retry_after=limit.retry_after_seconds,
+    )
+
+
+async def evaluate(
+    app: AppPolicy,
+    host: str | IPAddress,
+    port: int,
+    *,
+    resolve: Callable[[str], Awaitable[Resolution]],
+    names_for: NamesFor | None = None,
+    limit: LimitResult | None = None,
+) -> Verdict:
+    """The pure steps wired around the one await (``resolve``, which may raise
+    :class:`ResolveError`)."""
+    step = first_step(app, host, port, names_for=names_for)
+    if isinstance(step, Lookup):
+        try:
+            resolution = await resolve(step.name)
+        except ResolveError as error:
+            return after_lookup_failure(error)
+        step = after_lookup(app, step, resolution.addresses)
+    return combine(step, limit)

@@ -1,27 +1,64 @@
-"""Wiring: build the proxy from a config, run it, reload on SIGHUP, drain on SIGTERM."""
+"""Wiring: build the proxy from a config, run it, reload on SIGHUP, drain on SIGTERM.
+
+Start-up opens everything or nothing: a listener that cannot bind closes the others and the
+start fails with one error, without pretending to have served. While running, one task group
+owns the background work: the rules holder (following the rule source, compiling snapshots) and
+the reload loop. SIGHUP re-reads the config file off the event loop and applies what can be
+applied live (rules, ``[security]``, ``[resolver]``, ``[log]``, the per-connection ``[proxy]``
+knobs); keys that need a restart are named in the log, and the running config keeps describing
+what is actually in force.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
 import time
-from pathlib import Path
+from typing import Any, Final
 
 from aiohttp import web
 
+from egress import oplog
 from egress.admin.app import build_admin_app
-from egress.config import Config, load_config
+from egress.config import Config, ResolverConfig, load_config
 from egress.connlog import ConnectionLog
+from egress.context import ConnectionContext, ProxySettings
 from egress.errors import ConfigError, EgressError
 from egress.metrics import ProxyMetrics
-from egress.policy import PolicySnapshot
+from egress.net.connection import HttpConnection, ListenerKind, Socks5Connection
+from egress.net.dialer import dial
+from egress.net.identity import ConnectionOwners, make_tcp_owner_lookup
+from egress.net.registry import ConnectionRegistry
+from egress.net.transparent import TransparentConnection
 from egress.resolver import Resolver
-from egress.server import ListenerError, ProxyServer
+from egress.rulesource import FileRuleSource, SnapshotHolder
+from egress.server import ListenerError, Listeners
+from rules.snapshot import PolicySnapshot
+
+__all__ = ["ProxyRuntime", "check_proxy_uid", "serve"]
 
 log = logging.getLogger("egress.runtime")
+
+# Keys a running proxy cannot change: they are bound sockets, or features chosen at start.
+_RESTART_KEYS: Final = {
+    "proxy": (
+        "socks5_listen",
+        "http_listen",
+        "unix_socket",
+        "unix_socket_mode",
+        "unix_socket_owner",
+        "unix_socket_group",
+        "transparent_listen",
+    ),
+    "admin": ("listen", "tokens"),
+    "rules": ("store",),
+    "ratelimit": ("backend", "on_redis_error"),
+    "redis": ("url",),
+}
 
 
 def check_proxy_uid(config: Config, uid: int) -> None:
@@ -36,47 +73,122 @@ def check_proxy_uid(config: Config, uid: int) -> None:
             )
 
 
+def make_resolver(settings: ResolverConfig) -> Resolver:
+    return Resolver(
+        nameservers=[str(server) for server in settings.nameservers],
+        timeout=settings.timeout,
+        attempts=settings.attempts,
+        min_ttl=settings.min_ttl,
+        max_ttl=settings.max_ttl,
+        negative_ttl=settings.negative_ttl,
+        max_addresses_per_family=settings.max_addresses_per_family,
+        max_cache_bytes=settings.max_cache_bytes,
+    )
+
+
+def restart_needed(old: Config, new: Config) -> list[str]:
+    """The changed keys that a running proxy cannot apply, as ``section.key``."""
+    changed = []
+    for section, keys in _RESTART_KEYS.items():
+        before, after = getattr(old, section), getattr(new, section)
+        changed += [f"{section}.{k}" for k in keys if getattr(before, k) != getattr(after, k)]
+    return changed
+
+
+def _in_force(old: Config, new: Config) -> Config:
+    """``new``, with the restart-only keys of ``old``: the config the process now runs."""
+    replaced: dict[str, Any] = {}
+    for section, keys in _RESTART_KEYS.items():
+        kept = {k: getattr(getattr(old, section), k) for k in keys}
+        replaced[section] = dataclasses.replace(getattr(new, section), **kept)
+    return dataclasses.replace(new, **replaced)
+
+
 class ProxyRuntime:
-    """Everything one proxy process runs: listeners, resolver, admin endpoint."""
+    """Everything one proxy process runs: listeners, resolver, rules, admin endpoint."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, loop_name: str = "") -> None:
         self.config = config
-        self.metrics = ProxyMetrics()
-        self.server: ProxyServer | None = None
-        self.resolver: Resolver | None = None
-        self.connlog: ConnectionLog | None = None
+        self.metrics = ProxyMetrics(loop=loop_name)
+        self.listeners = Listeners()
+        self.resolver = make_resolver(config.resolver)
+        self.connlog = ConnectionLog(
+            config.log.connection_log, on_dropped=self.metrics.connection_log_dropped.inc
+        )
+        self.source = FileRuleSource(config.ruleset)
+        self.holder = SnapshotHolder(
+            PolicySnapshot.build(self.source.latest, config.security.special_exceptions),
+            self.metrics,
+        )
+        self.registry = ConnectionRegistry(
+            self.metrics,
+            max_connections=config.proxy.max_connections,
+            max_handshakes_per_app=config.proxy.max_handshakes_per_app,
+        )
         self.admin_address: str | None = None
+        self._owners: ConnectionOwners | None = None
+        self._context: ConnectionContext | None = None
         self._admin_runner: web.AppRunner | None = None
-        self._stopping = asyncio.Event()
+        self._background: asyncio.Task[None] | None = None
+        self._closing = asyncio.Event()
+        self._stop_requested = asyncio.Event()
+        self._reload_requested = asyncio.Event()
+        self._retiring: set[asyncio.Task[None]] = set()
 
+    @property
+    def context(self) -> ConnectionContext:
+        if self._context is None:
+            raise RuntimeError("the proxy is not started")
+        return self._context
+
+    # --- start and stop -------------------------------------------------------------------------
     async def start(self) -> None:
+        """Open every listener and the admin endpoint, or none (raises ``EgressError``)."""
         config = self.config
         check_proxy_uid(config, os.geteuid())
-        resolver_config = config.resolver
-        self.resolver = Resolver(
-            nameservers=[str(server) for server in resolver_config.nameservers],
-            timeout=resolver_config.timeout,
-            attempts=resolver_config.attempts,
-            min_ttl=resolver_config.min_ttl,
-            max_ttl=resolver_config.max_ttl,
-            negative_ttl=resolver_config.negative_ttl,
+        # Netlink sockets belong to a network namespace: create the lookup where we listen.
+        self._owners = ConnectionOwners(make_tcp_owner_lookup())
+        self._context = ConnectionContext(
+            settings=ProxySettings.from_config(config.proxy),
+            resolver=self.resolver,
+            metrics=self.metrics,
+            connlog=self.connlog,
+            identify=self._owners,
+            dial=dial,
+            rules=self.holder,
+            registry=self.registry,
+            is_own_listener=self.listeners.is_own_listener,
         )
-        self.connlog = ConnectionLog(config.log.connection_log)
-        self.server = ProxyServer(
-            config, resolver=self.resolver, metrics=self.metrics, connlog=self.connlog
-        )
-        await self.server.start()
-        if config.admin.listen is not None:
-            await self._start_admin()
+        try:
+            await self.listeners.open(config.proxy, self._protocol_for)
+            if config.admin.listen is not None:
+                await self._start_admin()
+        except BaseException:
+            await self._release_resources()
+            raise
         self.metrics.last_reload_success.set(time.time())
+        self._background = asyncio.get_running_loop().create_task(
+            self._run_background(), name="egress background"
+        )
+        for bound in self.listeners.bound:
+            log.info("listening", extra={"listener": bound.kind.value, "address": bound.address})
         log.info(
             "proxy started",
             extra={
-                "listeners": ", ".join(f"{b.kind}={b.address}" for b in self.server.listeners),
+                "listeners": ", ".join(f"{b.kind}={b.address}" for b in self.listeners.bound),
                 "apps": len(config.apps),
+                "rules_version": self.holder.current.version,
                 "admin": self.admin_address,
             },
         )
+
+    def _protocol_for(self, kind: ListenerKind) -> asyncio.Protocol:
+        context = self.context
+        if kind is ListenerKind.HTTP:
+            return HttpConnection(context)
+        if kind is ListenerKind.TRANSPARENT:
+            return TransparentConnection(context)
+        return Socks5Connection(context, kind)
 
     async def _start_admin(self) -> None:
         assert self.config.admin.listen is not None
@@ -92,58 +204,145 @@ class ProxyRuntime:
         host, port = self._admin_runner.addresses[0][:2]
         self.admin_address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
-    def ready(self) -> bool:
-        return self.server is not None and not self.server.draining
+    async def _run_background(self) -> None:
+        """The task group that owns the rules holder and the reload loop."""
+        async with asyncio.TaskGroup() as group:
+            tasks = [
+                group.create_task(self.holder.run(), name="rules compile"),
+                group.create_task(self.holder.follow(self.source), name="rules follow"),
+                group.create_task(self._reload_loop(), name="config reload"),
+            ]
+            await self._closing.wait()
+            for task in tasks:
+                task.cancel()
 
-    def reload(self) -> bool:
-        """Re-read the config file and swap the rules; a bad file keeps the old rules."""
-        assert self.server is not None
-        try:
-            new = load_config(self.config.source)
-        except ConfigError as exc:
-            self.metrics.reload(ok=False)
-            log.error("reload rejected, keeping the previous rules", extra={"problems": str(exc)})
-            return False
-        if new.proxy != self.config.proxy or new.admin != self.config.admin:
-            log.warning("listener or admin settings changed; they take effect after a restart")
-        self.server.replace_snapshot(PolicySnapshot(new))
-        self.config = new
-        self.metrics.reload(ok=True)
-        self.metrics.last_reload_success.set(time.time())
-        log.info("rules reloaded", extra={"apps": len(new.apps)})
-        return True
+    def ready(self) -> bool:
+        return self._context is not None and not self.registry.draining
 
     def request_stop(self) -> None:
-        self._stopping.set()
+        self._stop_requested.set()
 
-    async def wait_stop_requested(self) -> None:
-        await self._stopping.wait()
+    def request_reload(self) -> None:
+        self._reload_requested.set()
+
+    async def wait(self) -> None:
+        """Until a stop is requested; raises if the background work failed (a bug)."""
+        assert self._background is not None
+        stop = asyncio.ensure_future(self._stop_requested.wait())
+        try:
+            await asyncio.wait({stop, self._background}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+        if self._background.done():
+            self._background.result()  # raises what it failed with
+            raise EgressError("the proxy's background tasks stopped")
 
     async def aclose(self) -> None:
         """Drain tunnels, then close the admin listener, the resolver and the log."""
-        if self.server is not None:
-            log.info("draining", extra={"open": len(self.server.connections)})
-            await self.server.drain()
-        if self._admin_runner is not None:
-            await self._admin_runner.cleanup()
-        if self.resolver is not None:
-            await self.resolver.aclose()
-        if self.connlog is not None:
-            self.connlog.close()
+        self._closing.set()
+        if self._background is not None:
+            with contextlib.suppress(Exception):
+                await self._background
+        log.info("draining", extra={"open": len(self.registry)})
+        self.listeners.stop_accepting()
+        await self.registry.drain(self.context.settings.drain_timeout)
+        await self._release_resources()
         log.info("proxy stopped")
 
+    async def _release_resources(self) -> None:
+        await self.listeners.close()
+        if self._admin_runner is not None:
+            await self._admin_runner.cleanup()
+            self._admin_runner = None
+        retiring = list(self._retiring)
+        for task in retiring:
+            task.cancel()
+        await asyncio.gather(*retiring, return_exceptions=True)
+        await self.resolver.aclose()
+        self.connlog.close()
+        if self._owners is not None:
+            self._owners.close()
+            self._owners = None
 
-async def serve(config_path: Path) -> None:
-    """Run until SIGTERM/SIGINT; SIGHUP reloads the rules."""
-    config = load_config(config_path)
-    runtime = ProxyRuntime(config)
+    # --- reload ---------------------------------------------------------------------------------
+    async def _reload_loop(self) -> None:
+        while True:
+            await self._reload_requested.wait()
+            self._reload_requested.clear()
+            await self.reload()
+
+    async def reload(self) -> bool:
+        """Re-read the config file (off the event loop) and apply it; a bad file changes
+        nothing. Also reopens the connection log file (the logrotate convention)."""
+        self.connlog.reopen()
+        try:
+            new = await asyncio.to_thread(load_config, self.config.source)
+        except ConfigError as exc:
+            self.metrics.reload(ok=False)
+            log.error(
+                "reload rejected, keeping the previous config",
+                extra={"problems": str(exc)},
+            )
+            return False
+        self.apply(new)
+        await self.holder.wait_idle()
+        return True
+
+    def apply(self, new: Config) -> None:
+        """Apply a checked config to the running proxy."""
+        old = self.config
+        pending = restart_needed(old, new)
+        if pending:
+            log.warning(
+                "some changed settings take effect only after a restart",
+                extra={"keys": ", ".join(pending)},
+            )
+        context = self.context
+        context.settings = ProxySettings.from_config(new.proxy)
+        self.registry.max_connections = new.proxy.max_connections
+        self.registry.max_handshakes_per_app = new.proxy.max_handshakes_per_app
+        if new.resolver != old.resolver:
+            self._replace_resolver(make_resolver(new.resolver), old.resolver.timeout)
+        if new.log.level != old.log.level:
+            oplog.set_level(new.log.level)
+        if new.log.connection_log != old.log.connection_log:
+            self.connlog.reopen(new.log.connection_log)
+        self.holder.set_exceptions(new.security.special_exceptions)
+        self.source.publish(new.ruleset)
+        self.config = _in_force(old, new)
+        self.metrics.reload(ok=True)
+        log.info(
+            "config reloaded",
+            extra={"apps": len(new.apps), "restart_needed": ", ".join(pending) or None},
+        )
+
+    def _replace_resolver(self, resolver: Resolver, old_timeout: float) -> None:
+        """New lookups use the new resolver; the old one finishes its lookups, then closes."""
+        old = self.resolver
+        self.resolver = resolver
+        self.context.resolver = resolver
+
+        async def retire() -> None:
+            try:
+                await asyncio.sleep(old_timeout + 1.0)
+            finally:
+                await old.aclose()
+
+        task = asyncio.get_running_loop().create_task(retire(), name="retire resolver")
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+
+async def serve(config: Config, *, loop_name: str = "") -> None:
+    """Run until SIGTERM/SIGINT; SIGHUP reloads."""
+    runtime = ProxyRuntime(config, loop_name=loop_name)
     loop = asyncio.get_running_loop()
+    await runtime.start()
     try:
-        await runtime.start()
-        loop.add_signal_handler(signal.SIGHUP, runtime.reload)
+        loop.add_signal_handler(signal.SIGHUP, runtime.request_reload)
         loop.add_signal_handler(signal.SIGTERM, runtime.request_stop)
         loop.add_signal_handler(signal.SIGINT, runtime.request_stop)
-        await runtime.wait_stop_requested()
+        await runtime.wait()
     finally:
         for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(Exception):

@@ -1,4 +1,4 @@
-"""The proxy's shared state and its listeners: what every connection needs, in one place."""
+"""The proxy's listening sockets: SOCKS5 and HTTP on TCP, SOCKS5 on a Unix socket, transparent."""
 
 from __future__ import annotations
 
@@ -15,21 +15,9 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address, ip_address
 from pathlib import Path
 
-from egress.config import Config, ListenAddress, ProxyConfig
-from egress.connlog import ConnectionLog
+from egress.config import ListenAddress, ProxyConfig
 from egress.errors import EgressError
-from egress.metrics import ProxyMetrics
-from egress.net.connection import (
-    ClientConnection,
-    HttpConnection,
-    ListenerKind,
-    Socks5Connection,
-)
-from egress.net.identity import make_tcp_owner_lookup
-from egress.net.transparent import TransparentConnection
-from egress.outcomes import Outcome
-from egress.policy import PolicySnapshot
-from egress.resolver import Resolver
+from egress.net.connection import ListenerKind
 
 log = logging.getLogger("egress.server")
 
@@ -39,139 +27,85 @@ class ListenerError(EgressError):
 
 
 @dataclass(frozen=True, slots=True)
-class ProxySettings:
-    """The per-connection knobs, copied out of the config once (hot path reads these)."""
-
-    handshake_timeout: float
-    connect_timeout: float
-    idle_timeout: float
-    drain_timeout: float
-    max_handshake_bytes: int
-    max_connections: int
-
-    @classmethod
-    def from_config(cls, proxy: ProxyConfig) -> ProxySettings:
-        return cls(
-            handshake_timeout=proxy.handshake_timeout,
-            connect_timeout=proxy.connect_timeout,
-            idle_timeout=proxy.idle_timeout,
-            drain_timeout=proxy.drain_timeout,
-            max_handshake_bytes=proxy.max_handshake_bytes,
-            max_connections=proxy.max_connections,
-        )
-
-
-@dataclass(frozen=True, slots=True)
 class BoundListener:
     kind: ListenerKind
     address: str  # "127.0.0.1:1080", "[::1]:1080" or a socket path
     server: asyncio.Server
+    ip: IPv4Address | IPv6Address | None = None  # None for the Unix socket
+    port: int = 0
 
 
-class ProxyServer:
-    """Owns the listeners and every live connection; connections read shared state from here."""
+class Listeners:
+    """The proxy's listening sockets. Opens all of them or none (a failed start leaves nothing
+    bound), and answers whether an address is one of them (a transparent redirect loop)."""
 
-    def __init__(
-        self,
-        config: Config,
-        *,
-        resolver: Resolver,
-        metrics: ProxyMetrics,
-        connlog: ConnectionLog,
+    def __init__(self) -> None:
+        self.bound: list[BoundListener] = []
+
+    async def open(
+        self, proxy: ProxyConfig, factory: Callable[[ListenerKind], asyncio.Protocol]
     ) -> None:
-        self.loop = asyncio.get_running_loop()
-        self.settings = ProxySettings.from_config(config.proxy)
-        self.snapshot = PolicySnapshot(config)
-        self.resolver = resolver
-        self.metrics = metrics
-        self.connlog = connlog
-        # Netlink sockets belong to a network namespace: create the lookup where we listen.
-        self.tcp_identity = make_tcp_owner_lookup()
-        self.connections: set[ClientConnection] = set()
-        self.listeners: list[BoundListener] = []
-        self.draining = False
-        self._config = config
-        self._all_closed = asyncio.Event()
-        self._all_closed.set()
-
-    # --- connections ------------------------------------------------------------------------
-    def register(self, connection: ClientConnection) -> bool:
-        """Track a new connection; False when it must be refused (draining or over the limit)."""
-        if self.draining:
-            return False
-        if len(self.connections) >= self.settings.max_connections:
-            self.metrics.connections_refused_over_limit.inc()
-            return False
-        self.connections.add(connection)
-        self.metrics.open_connections.inc()
-        self._all_closed.clear()
-        return True
-
-    def unregister(self, connection: ClientConnection) -> None:
-        if connection in self.connections:
-            self.connections.remove(connection)
-            self.metrics.open_connections.dec()
-            if not self.connections:
-                self._all_closed.set()
-
-    def replace_snapshot(self, snapshot: PolicySnapshot) -> None:
-        """Swap the rules atomically: connections that already decided keep their decision."""
-        self.snapshot = snapshot
-
-    # --- listeners --------------------------------------------------------------------------
-    async def start(self) -> None:
-        proxy = self._config.proxy
-        for address in proxy.socks5_listen:
-            await self._listen_tcp(
-                ListenerKind.SOCKS5, address, lambda: Socks5Connection(self), "proxy.socks5_listen"
-            )
-        for address in proxy.http_listen:
-            await self._listen_tcp(
-                ListenerKind.HTTP, address, lambda: HttpConnection(self), "proxy.http_listen"
-            )
-        if proxy.unix_socket is not None:
-            await self._listen_unix(proxy)
+        """Bind every listener of ``proxy``; on any failure close those already bound and raise
+        :class:`ListenerError`. ``factory(kind)`` builds the protocol of one connection."""
+        wanted: list[tuple[ListenerKind, ListenAddress, str]] = [
+            *((ListenerKind.SOCKS5, a, "proxy.socks5_listen") for a in proxy.socks5_listen),
+            *((ListenerKind.HTTP, a, "proxy.http_listen") for a in proxy.http_listen),
+        ]
         if proxy.transparent_listen is not None:
-            await self._listen_tcp(
-                ListenerKind.TRANSPARENT,
-                proxy.transparent_listen,
-                lambda: TransparentConnection(self),
-                "proxy.transparent_listen",
+            wanted.append(
+                (ListenerKind.TRANSPARENT, proxy.transparent_listen, "proxy.transparent_listen")
             )
+        try:
+            for kind, address, key in wanted:
+                await self._listen_tcp(kind, address, key, factory)
+            if proxy.unix_socket is not None:
+                await self._listen_unix(proxy, factory)
+        except BaseException:
+            await self.close()
+            raise
 
     async def _listen_tcp(
         self,
         kind: ListenerKind,
         address: ListenAddress,
-        factory: Callable[[], ClientConnection],
         key: str,
+        factory: Callable[[ListenerKind], asyncio.Protocol],
     ) -> None:
+        loop = asyncio.get_running_loop()
         try:
             if address.host == "::":
-                server = await self.loop.create_server(
-                    factory, sock=_dual_stack_socket(address.port), backlog=4096
+                server = await loop.create_server(
+                    lambda: factory(kind), sock=_dual_stack_socket(address.port), backlog=4096
                 )
             else:
-                server = await self.loop.create_server(
-                    factory, host=address.host, port=address.port, reuse_address=True, backlog=4096
+                server = await loop.create_server(
+                    lambda: factory(kind),
+                    host=address.host,
+                    port=address.port,
+                    reuse_address=True,
+                    backlog=4096,
                 )
         except OSError as exc:
             raise ListenerError(f"{key}: cannot listen on {address}: {exc.strerror}") from exc
-        bound = server.sockets[0].getsockname()
-        shown = f"[{bound[0]}]:{bound[1]}" if ":" in bound[0] else f"{bound[0]}:{bound[1]}"
-        self.listeners.append(BoundListener(kind, shown, server))
-        log.info("listening", extra={"listener": kind.value, "address": shown})
+        host, port = server.sockets[0].getsockname()[:2]
+        shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        self.bound.append(BoundListener(kind, shown, server, ip_address(host), int(port)))
 
-    async def _listen_unix(self, proxy: ProxyConfig) -> None:
+    async def _listen_unix(
+        self, proxy: ProxyConfig, factory: Callable[[ListenerKind], asyncio.Protocol]
+    ) -> None:
         assert proxy.unix_socket is not None
         path = proxy.unix_socket
         _prepare_socket_path(path)
+        loop = asyncio.get_running_loop()
         try:
-            server = await self.loop.create_unix_server(
-                lambda: Socks5Connection(self, ListenerKind.SOCKS5_UNIX),
-                path=str(path),
-                backlog=4096,
+            server = await loop.create_unix_server(
+                lambda: factory(ListenerKind.SOCKS5_UNIX), path=str(path), backlog=4096
             )
+        except OSError as exc:
+            raise ListenerError(f"proxy.unix_socket: cannot listen on {path}: {exc}") from exc
+        self.bound.append(BoundListener(ListenerKind.SOCKS5_UNIX, str(path), server))
+        try:
             os.chmod(path, proxy.unix_socket_mode)
             if proxy.unix_socket_owner is not None or proxy.unix_socket_group is not None:
                 os.chown(
@@ -180,54 +114,53 @@ class ProxyServer:
                     _gid(proxy.unix_socket_group) if proxy.unix_socket_group is not None else -1,
                 )
         except (OSError, KeyError) as exc:
-            raise ListenerError(f"proxy.unix_socket: cannot listen on {path}: {exc}") from exc
-        self.listeners.append(BoundListener(ListenerKind.SOCKS5_UNIX, str(path), server))
+            raise ListenerError(f"proxy.unix_socket: cannot set up {path}: {exc}") from exc
 
     def is_own_listener(self, address: IPv4Address | IPv6Address, port: int) -> bool:
-        """Whether ``address:port`` is one of our TCP listeners (a redirect loop)."""
-        for listener in self.listeners:
-            if listener.kind is ListenerKind.SOCKS5_UNIX:
+        """Whether ``address:port`` is one of our TCP listeners (a redirect loop).
+
+        A listener on ``0.0.0.0`` or ``[::]`` is every local address, so an address counts only
+        if this host has it; the same port on another host is someone else's service.
+        """
+        for listener in self.bound:
+            if listener.ip is None or listener.port != port:
                 continue
-            host, _, bound_port = listener.address.rpartition(":")
-            if int(bound_port) != port:
-                continue
-            bound = ip_address(host.strip("[]"))
-            if bound == address or bound.is_unspecified:
+            if listener.ip == address:
+                return True
+            if listener.ip.is_unspecified and _is_local_address(address):
                 return True
         return False
 
     def address_of(self, kind: ListenerKind) -> str:
         """The first bound address of a listener kind (tests and benchmarks use port 0)."""
-        for listener in self.listeners:
+        for listener in self.bound:
             if listener.kind is kind:
                 return listener.address
         raise LookupError(kind)
 
-    # --- shutdown ---------------------------------------------------------------------------
-    async def drain(self) -> None:
-        """Stop accepting, let open tunnels finish for up to ``drain_timeout``, then cut them."""
-        self.draining = True
-        for listener in self.listeners:
+    def stop_accepting(self) -> None:
+        for listener in self.bound:
             listener.server.close()
             if listener.kind is ListenerKind.SOCKS5_UNIX:
                 with contextlib.suppress(OSError):
                     os.unlink(listener.address)
-        for connection in list(self.connections):
-            if connection.tunnel is None and connection.transport is not None:
-                connection.fail(Outcome.SHUTTING_DOWN)
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(self.settings.drain_timeout):
-                await self._all_closed.wait()
-        for connection in list(self.connections):
-            if connection.tunnel is not None:
-                connection.tunnel.abort("drain_timeout")
-            elif connection.transport is not None:
-                connection.transport.abort()
-        # Give the transports one turn of the loop to report connection_lost.
-        await asyncio.sleep(0)
-        for listener in self.listeners:
+
+    async def close(self) -> None:
+        self.stop_accepting()
+        for listener in self.bound:
             await listener.server.wait_closed()
-        self.tcp_identity.close()
+        self.bound.clear()
+
+
+def _is_local_address(address: IPv4Address | IPv6Address) -> bool:
+    """Whether this host (this network namespace) has ``address``: binding to it succeeds."""
+    family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((str(address), 0))
+        except OSError:
+            return False
+    return True
 
 
 def _dual_stack_socket(port: int) -> socket.socket:

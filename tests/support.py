@@ -12,10 +12,10 @@ import subprocess
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from egress.config import Config, parse_config
-from egress.net.connection import ListenerKind
+from egress.net.connection import ClientConnection, ListenerKind
 from egress.runtime import ProxyRuntime
 
 # Test uids (CI runs as root; these need no /etc/passwd entry).
@@ -92,21 +92,26 @@ class ProxyHandle:
         self.log_path = log_path
 
     def address(self, kind: ListenerKind) -> tuple[str, int]:
-        assert self.runtime.server is not None
-        text = self.runtime.server.address_of(kind)
+        text = self.runtime.listeners.address_of(kind)
         if kind is ListenerKind.SOCKS5_UNIX:
             return (text, 0)
         host, _, port = text.rpartition(":")
         return host.strip("[]"), int(port)
 
+    def connections(self) -> list[ClientConnection]:
+        """The proxy's open client connections."""
+        return [cast(ClientConnection, c) for c in self.runtime.registry.live()]
+
     def records(self) -> list[dict[str, Any]]:
         import json
 
-        assert self.runtime.connlog is not None
         self.runtime.connlog.flush()
         if not self.log_path.exists():
             return []
-        return [json.loads(line) for line in self.log_path.read_text().splitlines() if line]
+        # The log's writer thread may be mid-batch: only complete lines count.
+        text = self.log_path.read_text()
+        complete = text[: text.rfind("\n") + 1]
+        return [json.loads(line) for line in complete.splitlines() if line]
 
     async def wait_records(self, count: int, timeout: float = 5.0) -> list[dict[str, Any]]:
         async with asyncio.timeout(timeout):
@@ -180,6 +185,27 @@ async def open_unix_as_uid(
         sock.connect(path)
     sock.setblocking(False)
     return await asyncio.open_unix_connection(sock=sock)
+
+
+async def eventually(
+    condition: Callable[[], bool], what: str, *, timeout: float = 5.0, every: float = 0.01
+) -> None:
+    """Wait until ``condition()`` holds (polled), or fail saying ``what`` did not happen."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        if loop.time() > deadline:
+            raise AssertionError(f"not within {timeout:g} s: {what}")
+        await asyncio.sleep(every)
+
+
+async def refused_at_accept(reader: asyncio.StreamReader) -> bool:
+    """Whether the proxy dropped the connection without sending a byte (refused at accept)."""
+    try:
+        data = await reader.read(1)
+    except ConnectionResetError:
+        return True
+    return data == b""
 
 
 # --- SOCKS5 / HTTP client helpers (written from the RFCs, independent of egress.proto) -------

@@ -8,6 +8,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from egress.firewall.sync import SyncResult
+from egress.metrics import register_process_metrics
 
 __all__ = ["FirewallMetrics"]
 
@@ -18,6 +19,7 @@ class FirewallMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
+        register_process_metrics(r)
         self.sync_total = Counter(
             "egress_firewall_sync",
             "Reconcile passes by result (ok, error, config_error).",

@@ -1,10 +1,14 @@
 """The per-connection driver: identity, handshake, policy, dial, then hand over to a Tunnel.
 
-Each accepted client gets one protocol object. The handshake is parsed by the sans-I/O code in
-``egress.proto``; once a complete request is in, reading pauses and one task runs the policy,
-the DNS lookup and the dial. On success the client transport is switched to a :class:`Tunnel`
-and no task is left running for the tunnel's lifetime. Every outcome, success or not, ends in
-exactly one call to :meth:`ClientConnection.finish`, which writes the log line and the metrics.
+Each accepted client gets one protocol object, built with a :class:`ConnectionContext` (never the
+server). At accept, before a byte is read, the kernel says which uid owns the client socket and
+the current snapshot says which app that is; a uid in no app, a lookup that cannot be bound to
+this connection, or an app over its handshake cap is refused at once. The handshake is parsed
+by the sans-I/O code in ``egress.proto``; once a complete request is in, reading pauses and one
+task runs the policy, the DNS lookup and the dial under one deadline. On success the client
+transport is switched to a :class:`Tunnel` and no task is left running for the tunnel's
+lifetime. Every outcome ends in exactly one call to :meth:`ClientConnection.finish`, which
+releases the connection, writes the log line and counts the metrics.
 """
 
 from __future__ import annotations
@@ -16,20 +20,20 @@ import logging
 import time
 from enum import StrEnum
 from ipaddress import IPv4Address, IPv6Address, ip_address
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
 from egress.connlog import untrusted
+from egress.context import ConnectionContext
 from egress.metrics import UNKNOWN_APP
-from egress.net.dialer import DialError, Dialled, dial
-from egress.net.identity import peer_uid_unix
+from egress.net.dialer import DialError, Dialled
 from egress.net.relay import StreamFilter, Tunnel
-from egress.outcomes import WIRE, Outcome
-from egress.policy import AppRuntime, Verdict, evaluate
+from egress.outcomes import OUTCOMES, SOCKS5_SUCCEEDED, Outcome
+from egress.policy import Verdict, evaluate
 from egress.proto import http_proxy, socks5
 from rules.addresses import HostSyntaxError, canonical_host
+from rules.decide import AppPolicy
 
-if TYPE_CHECKING:
-    from egress.server import ProxyServer
+__all__ = ["ClientConnection", "HttpConnection", "ListenerKind", "Socks5Connection"]
 
 log = logging.getLogger("egress.connection")
 
@@ -43,34 +47,26 @@ class ListenerKind(StrEnum):
     TRANSPARENT = "transparent"
 
 
-_DEFAULT_DETAIL = {
-    Outcome.NOT_ALLOWED: "no rule of this app allows the destination",
-    Outcome.SPECIAL_ADDRESS: "destination is a special-purpose address",
-    Outcome.UNKNOWN_CLIENT: "the connecting uid belongs to no app",
-    Outcome.AUTH_REQUIRED: "proxy credentials required",
-    Outcome.AUTH_FAILED: "proxy credentials rejected",
-    Outcome.SHUTTING_DOWN: "proxy is shutting down",
-}
-
-
 class ClientConnection(asyncio.Protocol):
     """Shared machinery; subclasses speak one proxy protocol."""
 
     __slots__ = (
+        "_client_eof",
+        "_early",
         "_handshake_timer",
         "_task",
         "accepted_at",
         "app",
+        "app_name",
+        "ctx",
         "destination",
         "detail",
         "dialled",
         "finished",
-        "identity_error",
         "kind",
         "outcome",
-        "rule",
-        "server",
-        "snapshot",
+        "rules_version",
+        "settings",
         "started_wall",
         "transport",
         "tunnel",
@@ -78,59 +74,82 @@ class ClientConnection(asyncio.Protocol):
         "verdict",
     )
 
-    def __init__(self, server: ProxyServer, kind: ListenerKind) -> None:
-        self.server = server
+    def __init__(self, context: ConnectionContext, kind: ListenerKind) -> None:
+        self.ctx = context
         self.kind = kind
-        # Decided entirely under the rules current at accept; a reload applies to new clients.
-        self.snapshot = server.snapshot
+        self.settings = context.settings  # what this connection was accepted under
         self.transport: asyncio.Transport | None = None
         self.uid: int | None = None
-        self.app: AppRuntime | None = None
+        # The app's compiled rules, until the request is decided; only the name is kept after,
+        # so a long-lived tunnel holds no rules (and no snapshot) alive.
+        self.app: AppPolicy | None = None
+        self.app_name: str | None = None
+        self.rules_version: int | None = None
         self.destination: str | None = None
         self.dialled: Dialled | None = None
         self.verdict: Verdict | None = None
         self.outcome: Outcome | None = None
-        self.rule: str | None = None
         self.detail: str | None = None
         self.tunnel: Tunnel | None = None
         self.finished = False
-        self.identity_error: str | None = None
         self._task: asyncio.Task[None] | None = None
         self._handshake_timer: asyncio.TimerHandle | None = None
+        self._early = bytearray()  # client bytes that arrived after the request, before the tunnel
+        self._client_eof = False  # the client half-closed after its request, before the tunnel
         self.accepted_at = 0.0
         self.started_wall = 0.0
 
     # --- asyncio.Protocol -------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
-        server = self.server
         self.accepted_at = time.perf_counter()
         self.started_wall = time.time()
-        if not server.register(self):
-            self.outcome = Outcome.SHUTTING_DOWN if server.draining else Outcome.CONNECTION_LIMIT
-            self.transport.abort()
+        ctx = self.ctx
+        refused = ctx.registry.accept(self)
+        if refused is not None:
+            self._refuse(refused)
+            return
+        bad = self.precheck()
+        if bad is not None:
+            self._refuse(*bad)
             return
         try:
-            self.uid = self._identify()
+            self.uid = self.identify()
         except (OSError, ValueError) as exc:
-            # Fail closed: without the kernel's answer the client is nobody. The request is
-            # still read so the denial is explicit on the wire and in the log.
-            log.warning("identity lookup failed", extra={"error": repr(exc)[:200]})
-            self.identity_error = f"identity lookup failed: {type(exc).__name__}"
-        if self.uid is not None:
-            self.app = self.snapshot.app_for_uid(self.uid)
-        self._handshake_timer = server.loop.call_later(
-            server.settings.handshake_timeout, self._handshake_timed_out
+            # Fail closed: without the kernel's answer, bound to this connection, nobody calls.
+            self._refuse(Outcome.IDENTITY_ERROR, _identity_detail(exc))
+            return
+        snapshot = ctx.rules.current
+        self.rules_version = snapshot.version
+        app = snapshot.app_for_uid(self.uid) if self.uid is not None else None
+        if app is None:
+            self._refuse(
+                Outcome.UNKNOWN_CLIENT,
+                f"uid {self.uid} belongs to no app"
+                if self.uid is not None
+                else "no local socket owner (only clients on this host can be identified)",
+            )
+            return
+        self.app = app
+        self.app_name = app.name
+        refused = ctx.registry.admit(self, app.name)
+        if refused is not None:
+            self._refuse(refused)
+            return
+        self._handshake_timer = ctx.loop.call_later(
+            self.settings.handshake_timeout, self._handshake_timed_out
         )
+        self.admitted()
 
     def eof_received(self) -> bool:
+        if self.outcome is None and self.destination is not None:
+            # The request is complete and the dial is under way: a half-close is the client's
+            # right (it sent everything it had); the tunnel passes it on once it exists.
+            self._client_eof = True
+            return True
         if self.outcome is None:
             self.outcome = Outcome.CLIENT_CLOSED
-            self.detail = (
-                "client closed before completing the handshake"
-                if self.destination is None
-                else "client closed before the upstream connected"
-            )
+            self.detail = "client closed before completing the handshake"
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -149,35 +168,47 @@ class ClientConnection(asyncio.Protocol):
         self.finish()
 
     # --- hooks for subclasses ---------------------------------------------------------------
+    def precheck(self) -> tuple[Outcome, str] | None:
+        """A reason to refuse the connection before asking who it is, if any."""
+        return None
+
+    def identify(self) -> int | None:
+        assert self.transport is not None
+        return self.ctx.identify(self.transport)
+
+    def admitted(self) -> None:
+        """The client is a known app with a handshake slot: start reading its request."""
+
     def send_success(self, dialled: Dialled) -> None:
         raise NotImplementedError
 
-    def send_failure(self, outcome: Outcome, text: str) -> None:
+    def send_failure(self, outcome: Outcome, text: str, retry_after: float | None) -> None:
         raise NotImplementedError
 
     def stream_filter(self) -> StreamFilter | None:
         return None
 
-    def first_upstream_bytes(self, early: bytes) -> bytes:
-        return early
+    def upstream_head(self) -> bytes:
+        """Bytes to send upstream first, as they are (plain forwarding's rewritten request)."""
+        return b""
 
     # --- shared steps -----------------------------------------------------------------------
-    def _identify(self) -> int | None:
-        assert self.transport is not None
-        if self.kind is ListenerKind.SOCKS5_UNIX:
-            return peer_uid_unix(self.transport.get_extra_info("socket"))
-        peer = self.transport.get_extra_info("peername")
-        local = self.transport.get_extra_info("sockname")
-        if not peer or not local:
-            return None
-        return self.server.tcp_identity.lookup(peer[:2], local[:2])
+    def hold_early(self, data: bytes) -> None:
+        """Client bytes after the request, before the tunnel: keep them and pause again.
+
+        uvloop does not always honour a pause made in ``connection_made``; one read is bounded
+        by the loop's buffer and reading stays paused after it.
+        """
+        self._early += data
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.pause_reading()
 
     def credentials_ok(self, username: str | bytes, password: str | bytes) -> bool:
         """Proxy credentials are an extra factor for apps that configure them."""
         app = self.app
-        if app is None or app.config.proxy_auth is None:
+        if app is None or app.app.proxy_auth is None:
             return True
-        expected = app.config.proxy_auth
+        expected = app.app.proxy_auth
         if isinstance(username, bytes):
             username = username.decode("utf-8", "replace")
         if isinstance(password, bytes):
@@ -186,29 +217,25 @@ class ClientConnection(asyncio.Protocol):
         user_ok = hmac.compare_digest(username.encode(), expected.username.encode())
         return hmac.compare_digest(digest, expected.password_sha256) and user_ok
 
+    @property
+    def needs_credentials(self) -> bool:
+        return self.app is not None and self.app.app.proxy_auth is not None
+
     def request_complete(self, raw_host: str | IPAddress, port: int, early: bytes) -> None:
         """The handshake produced a request: stop reading and start the policy/dial task."""
-        assert self.transport is not None
+        transport = self.transport
+        assert transport is not None and self.app is not None
         if self._handshake_timer is not None:
             self._handshake_timer.cancel()
             self._handshake_timer = None
-        server = self.server
-        server.metrics.handshake(self.kind, time.perf_counter() - self.accepted_at)
-        self.transport.pause_reading()
+        ctx = self.ctx
+        ctx.registry.handshake_done(self)
+        ctx.metrics.handshake(self.kind, time.perf_counter() - self.accepted_at)
+        transport.pause_reading()
         shown = str(raw_host) if not isinstance(raw_host, IPv6Address) else f"[{raw_host}]"
         self.destination = f"{untrusted(shown)}:{port}"
-        if self.identity_error is not None:
-            self.fail(Outcome.IDENTITY_ERROR, self.identity_error)
-            return
-        if self.app is None:
-            detail = (
-                f"uid {self.uid} belongs to no app"
-                if self.uid is not None
-                else "no local socket owner (only clients on this host can be identified)"
-            )
-            self.fail(Outcome.UNKNOWN_CLIENT, detail)
-            return
-        if server.draining:
+        self._early += early
+        if ctx.registry.draining:
             self.fail(Outcome.SHUTTING_DOWN)
             return
         try:
@@ -216,50 +243,64 @@ class ClientConnection(asyncio.Protocol):
         except HostSyntaxError as exc:
             self.fail(Outcome.BAD_ADDRESS, str(exc))
             return
-        self._task = server.loop.create_task(self._establish(self.app, host, port, early))
+        self._task = ctx.loop.create_task(self._establish(self.app, host, port))
         self._task.add_done_callback(self._task_done)
 
-    async def _establish(
-        self, app: AppRuntime, host: str | IPAddress, port: int, early: bytes
-    ) -> None:
-        server = self.server
-        verdict = await evaluate(
-            self.snapshot,
-            app,
-            host,
-            port,
-            resolver=server.resolver,
-            metrics=server.metrics,
-            names_from_cache=self.kind is ListenerKind.TRANSPARENT,
-        )
+    async def _establish(self, app: AppPolicy, host: str | IPAddress, port: int) -> None:
+        ctx = self.ctx
+        timeout = self.settings.connect_timeout
+        deadline = ctx.loop.time() + timeout  # one deadline for DNS and every dial attempt
+        names_for = ctx.resolver.cached_names_for if self.kind is ListenerKind.TRANSPARENT else None
+        try:
+            async with asyncio.timeout_at(deadline):
+                verdict = await evaluate(app, host, port, resolve=ctx.resolve, names_for=names_for)
+        except TimeoutError:
+            verdict = Verdict(
+                Outcome.DNS_TIMEOUT,
+                detail=f"no DNS answer within proxy.connect_timeout ({timeout:g} s)",
+            )
         self.verdict = verdict
-        self.rule = verdict.rule
+        self.app = None  # decided: from here on only the name is needed
         if not verdict.allowed:
-            self.fail(verdict.outcome, verdict.detail)
+            self.fail(verdict.outcome, verdict.detail, retry_after=verdict.retry_after)
             return
         started = time.perf_counter()
         try:
-            dialled = await dial(verdict.addresses, port, timeout=server.settings.connect_timeout)
+            dialled = await ctx.dial(verdict.addresses, port, deadline=deadline)
         except DialError as exc:
             self.fail(exc.outcome, exc.detail)
             return
-        server.metrics.connect_seconds.observe(time.perf_counter() - started)
+        ctx.metrics.connect_seconds.observe(time.perf_counter() - started)
+        self._start_tunnel(dialled)
+
+    def _start_tunnel(self, dialled: Dialled) -> None:
         transport = self.transport
-        assert transport is not None and dialled.upstream.transport is not None
+        upstream = dialled.upstream.transport
+        assert transport is not None and upstream is not None
         if transport.is_closing():
-            dialled.upstream.transport.close()
+            upstream.close()
             return
         self.dialled = dialled
-        self.send_success(dialled)
-        self.tunnel = Tunnel(
-            transport,
-            dialled.upstream,
-            idle_timeout=server.settings.idle_timeout,
-            on_closed=self._tunnel_closed,
-            stream_filter=self.stream_filter(),
-        )
-        server.metrics.tunnel_opened(app.name)
-        self.tunnel.start(self.first_upstream_bytes(early))
+        try:
+            self.send_success(dialled)
+            self.tunnel = Tunnel(
+                transport,
+                dialled.upstream,
+                idle_timeout=self.settings.idle_timeout,
+                on_closed=self._tunnel_closed,
+                stream_filter=self.stream_filter(),
+            )
+            self.ctx.metrics.tunnel_opened(self.app_name or UNKNOWN_APP)
+            early, self._early = bytes(self._early), bytearray()
+            self.tunnel.start(
+                early, upstream_bytes=self.upstream_head(), client_eof=self._client_eof
+            )
+        except Exception as exc:  # a bug: never leave the connection paused with no timer
+            log.exception("tunnel start failed")
+            self.outcome = Outcome.UPSTREAM_ERROR
+            self.detail = f"internal error starting the tunnel: {type(exc).__name__}"
+            upstream.abort()
+            transport.abort()
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._task = None
@@ -271,7 +312,9 @@ class ClientConnection(asyncio.Protocol):
             if self.tunnel is None:
                 self.fail(Outcome.UPSTREAM_ERROR, f"internal error: {type(exc).__name__}")
 
-    def fail(self, outcome: Outcome, detail: str | None = None) -> None:
+    def fail(
+        self, outcome: Outcome, detail: str | None = None, *, retry_after: float | None = None
+    ) -> None:
         """Reply with the failure on the wire and close. The log line is written on close."""
         self.outcome = outcome
         self.detail = detail
@@ -279,69 +322,87 @@ class ClientConnection(asyncio.Protocol):
         if transport is None or transport.is_closing():
             return
         try:
-            self.send_failure(outcome, detail or _DEFAULT_DETAIL.get(outcome, str(outcome)))
+            self.send_failure(outcome, detail or OUTCOMES[outcome].detail, retry_after)
         finally:
             transport.close()
+
+    def _refuse(self, outcome: Outcome, detail: str | None = None) -> None:
+        """Refused at accept: no reply, the connection is dropped (connection_lost follows)."""
+        self.outcome = outcome
+        self.detail = detail
+        assert self.transport is not None
+        self.transport.abort()
+
+    def shut_down(self) -> None:
+        if self.tunnel is None and self.transport is not None:
+            self.fail(Outcome.SHUTTING_DOWN)
+
+    def cut(self, reason: str) -> None:
+        if self.tunnel is not None:
+            self.tunnel.abort(reason)
+        elif self.transport is not None:
+            self.transport.abort()
 
     def _handshake_timed_out(self) -> None:
         self._handshake_timer = None
         if self.outcome is None and self.transport is not None:
             self.outcome = Outcome.HANDSHAKE_TIMEOUT
-            self.detail = f"no complete request within {self.server.settings.handshake_timeout}s"
+            self.detail = f"no complete request within {self.settings.handshake_timeout:g} s"
             self.transport.abort()
 
     def _tunnel_closed(self, tunnel: Tunnel) -> None:
-        self.server.metrics.tunnel_closed(self.app_name, tunnel.bytes_up, tunnel.bytes_down)
-        self.outcome = Outcome.ALLOWED
-        self.detail = tunnel.end_reason if tunnel.end_reason != "closed" else None
+        self.ctx.metrics.tunnel_closed(
+            self.app_name or UNKNOWN_APP, tunnel.bytes_up, tunnel.bytes_down
+        )
+        if self.outcome is None:
+            self.outcome = Outcome.ALLOWED
+            self.detail = tunnel.end_reason if tunnel.end_reason != "closed" else None
         self.finish()
 
-    @property
-    def app_name(self) -> str:
-        return self.app.name if self.app is not None else UNKNOWN_APP
-
     def finish(self) -> None:
-        """Write the one log line and the metrics for this connection, exactly once."""
+        """Release the connection, write its log line and count it: exactly once."""
         if self.finished:
             return
         self.finished = True
-        server = self.server
-        server.unregister(self)
+        ctx = self.ctx
+        ctx.registry.release(self)
         outcome = self.outcome or Outcome.BAD_REQUEST
         verdict = self.verdict
-        if outcome is Outcome.ALLOWED or (verdict is not None and verdict.allowed):
-            decision = verdict.decision if verdict is not None else "allowed"
+        if outcome is Outcome.ALLOWED and verdict is not None:
+            decision, reason = verdict.decision, verdict.reason
         else:
-            decision = "denied"
-        # Report mode: the tunnel ran, but the reason says why enforce mode would have denied it.
-        reason = str(outcome)
-        if verdict is not None and verdict.would_deny is not None and outcome is Outcome.ALLOWED:
-            reason = str(verdict.would_deny)
-        server.metrics.connection(self.app_name, self.kind, decision, reason)
+            decision, reason = OUTCOMES[outcome].decision, outcome
+        ctx.metrics.connection(self.app_name or UNKNOWN_APP, self.kind, decision, reason)
         tunnel = self.tunnel
         dialled = self.dialled
         record: dict[str, Any] = {
             "ts": round(self.started_wall, 3),
             "listener": self.kind.value,
             "uid": self.uid,
-            "app": self.app.name if self.app is not None else None,
+            "app": self.app_name,
+            "rules_version": self.rules_version,
             "dest": self.destination,
-            "dialed": (
-                f"[{dialled.address}]:{dialled.port}"
-                if dialled is not None and dialled.address.version == 6
-                else (f"{dialled.address}:{dialled.port}" if dialled is not None else None)
-            ),
-            "decision": decision,
-            "reason": reason,
-            "rule": self.rule,
+            "dialed": _hostport(dialled.address, dialled.port) if dialled is not None else None,
+            "decision": decision.value,
+            "reason": reason.value,
+            "rule": verdict.rule if verdict is not None else None,
             "bytes_up": tunnel.bytes_up if tunnel is not None else 0,
             "bytes_down": tunnel.bytes_down if tunnel is not None else 0,
             "duration_ms": round((time.perf_counter() - self.accepted_at) * 1000, 3),
             "error": untrusted(self.detail),
         }
-        if verdict is not None and verdict.reported:
-            record["reported"] = True
-        server.connlog.emit(record)
+        ctx.connlog.emit(record)
+
+
+def _hostport(address: IPAddress, port: int) -> str:
+    return f"[{address}]:{port}" if address.version == 6 else f"{address}:{port}"
+
+
+def _identity_detail(exc: BaseException) -> str:
+    text = str(exc) if exc.args else type(exc).__name__
+    if isinstance(exc, OSError) and exc.strerror:
+        text = exc.strerror
+    return f"identity lookup failed: {text}"[:200]
 
 
 class Socks5Connection(ClientConnection):
@@ -349,12 +410,17 @@ class Socks5Connection(ClientConnection):
 
     __slots__ = ("_parser", "_request_seen")
 
-    def __init__(self, server: ProxyServer, kind: ListenerKind = ListenerKind.SOCKS5) -> None:
-        super().__init__(server, kind)
-        self._parser = socks5.Socks5Server(max_buffer=server.settings.max_handshake_bytes)
+    def __init__(
+        self, context: ConnectionContext, kind: ListenerKind = ListenerKind.SOCKS5
+    ) -> None:
+        super().__init__(context, kind)
+        self._parser = socks5.Socks5Server(max_buffer=self.settings.max_handshake_bytes)
         self._request_seen = False
 
     def data_received(self, data: bytes) -> None:
+        if self.destination is not None:
+            self.hold_early(data)
+            return
         parser = self._parser
         transport = self.transport
         assert transport is not None
@@ -389,8 +455,7 @@ class Socks5Connection(ClientConnection):
     def _greet(self, greeting: socks5.Greeting) -> bool:
         transport = self.transport
         assert transport is not None
-        needs_auth = self.app is not None and self.app.config.proxy_auth is not None
-        if needs_auth:
+        if self.needs_credentials:
             method = (
                 socks5.METHOD_USERNAME_PASSWORD
                 if socks5.METHOD_USERNAME_PASSWORD in greeting.methods
@@ -414,11 +479,12 @@ class Socks5Connection(ClientConnection):
         assert self.transport is not None and dialled.upstream.transport is not None
         bound = dialled.upstream.transport.get_extra_info("sockname")
         bind = (ip_address(bound[0]), int(bound[1])) if bound else None
-        self.transport.write(self._parser.reply(0, bind))
+        self.transport.write(self._parser.reply(SOCKS5_SUCCEEDED, bind))
 
-    def send_failure(self, outcome: Outcome, text: str) -> None:
-        if self._request_seen and self.transport is not None:
-            self.transport.write(self._parser.reply(WIRE[outcome].socks5_code))
+    def send_failure(self, outcome: Outcome, text: str, retry_after: float | None) -> None:
+        code = OUTCOMES[outcome].socks5
+        if self._request_seen and code is not None and self.transport is not None:
+            self.transport.write(self._parser.reply(code))
 
 
 class _ForwardFilter:
@@ -458,19 +524,20 @@ class HttpConnection(ClientConnection):
 
     __slots__ = ("_exchange", "_parser")
 
-    def __init__(self, server: ProxyServer) -> None:
-        super().__init__(server, ListenerKind.HTTP)
+    def __init__(self, context: ConnectionContext) -> None:
+        super().__init__(context, ListenerKind.HTTP)
         self._parser = http_proxy.HttpProxyParser(
-            max_header_bytes=server.settings.max_handshake_bytes
+            max_header_bytes=self.settings.max_handshake_bytes
         )
         self._exchange: http_proxy.HttpForwardExchange | None = None
 
     def data_received(self, data: bytes) -> None:
+        if self.destination is not None:
+            self.hold_early(data)
+            return
         parser = self._parser
         transport = self.transport
         assert transport is not None
-        if self._exchange is not None:
-            return  # reading is paused once the request head is in; nothing more is expected
         try:
             parser.receive_data(data)
             event = parser.next_event()
@@ -480,7 +547,7 @@ class HttpConnection(ClientConnection):
             if not transport.is_closing():
                 transport.write(
                     http_proxy.render_error(
-                        exc.status, exc.reason, proxy_status=WIRE[exc.outcome].proxy_status_error
+                        exc.status, exc.reason, proxy_status=OUTCOMES[exc.outcome].proxy_status
                     )
                 )
             transport.close()
@@ -488,13 +555,11 @@ class HttpConnection(ClientConnection):
         if event is http_proxy.NEED_DATA:
             return
         assert isinstance(event, http_proxy.ConnectRequest | http_proxy.ForwardRequest)
-        if self.app is not None and self.app.config.proxy_auth is not None:
+        if self.needs_credentials:
             creds = event.proxy_authorization
-            if creds is None:
-                self._auth_failure(Outcome.AUTH_REQUIRED, event)
-                return
-            if not self.credentials_ok(*creds):
-                self._auth_failure(Outcome.AUTH_FAILED, event)
+            if creds is None or not self.credentials_ok(*creds):
+                self.destination = f"{untrusted(event.host)}:{event.port}"
+                self.fail(Outcome.AUTH_REQUIRED if creds is None else Outcome.AUTH_FAILED)
                 return
         if isinstance(event, http_proxy.ForwardRequest):
             self._exchange = http_proxy.HttpForwardExchange(event, parser)
@@ -502,39 +567,27 @@ class HttpConnection(ClientConnection):
         else:
             self.request_complete(event.host, event.port, parser.trailing_data())
 
-    def _auth_failure(
-        self, outcome: Outcome, event: http_proxy.ConnectRequest | http_proxy.ForwardRequest
-    ) -> None:
-        self.destination = f"{untrusted(event.host)}:{event.port}"
-        self.fail(outcome)
-
     def stream_filter(self) -> StreamFilter | None:
         return None if self._exchange is None else _ForwardFilter(self._exchange)
 
-    def first_upstream_bytes(self, early: bytes) -> bytes:
-        # Plain forwarding: send_success already wrote exchange.start() (the rewritten head and
-        # any body bytes the parser holds); later client bytes go through the filter.
-        return early if self._exchange is None else b""
+    def upstream_head(self) -> bytes:
+        # Plain forwarding: the rewritten head and any body bytes the parser already holds.
+        return b"" if self._exchange is None else self._exchange.start()
 
     def send_success(self, dialled: Dialled) -> None:
-        assert self.transport is not None and dialled.upstream.transport is not None
         if self._exchange is None:
+            assert self.transport is not None
             self.transport.write(http_proxy.render_connect_ok())
-        else:
-            dialled.upstream.transport.write(self._exchange.start())
 
-    def send_failure(self, outcome: Outcome, text: str) -> None:
-        if self.transport is None:
+    def send_failure(self, outcome: Outcome, text: str, retry_after: float | None) -> None:
+        row = OUTCOMES[outcome]
+        if self.transport is None or row.http is None:
             return
-        wire = WIRE[outcome]
-        extra: list[tuple[str, str]] = []
-        if wire.http_status == 407:
-            extra.append(("Proxy-Authenticate", 'Basic realm="egress"'))
         self.transport.write(
             http_proxy.render_error(
-                wire.http_status,
+                row.http,
                 f"{outcome}: {text}",
-                proxy_status=wire.proxy_status_error,
-                extra_headers=extra,
+                proxy_status=row.proxy_status,
+                extra_headers=row.http_headers(retry_after),
             )
         )

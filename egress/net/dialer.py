@@ -16,8 +16,8 @@ from ipaddress import IPv4Address, IPv6Address
 from egress.net.relay import UpstreamSide
 from egress.outcomes import Outcome
 
-# A name may resolve to many addresses; trying each with a full timeout could hold a client for
-# minutes. Three attempts cover the usual A+AAAA pair and one spare.
+# A name may resolve to many addresses; the whole connect phase has one deadline, shared by at
+# most three attempts (the usual A+AAAA pair and one spare).
 MAX_ATTEMPTS = 3
 
 _UNREACHABLE_ERRNOS = frozenset(
@@ -54,16 +54,25 @@ def classify_connect_error(exc: BaseException) -> Outcome:
 
 
 async def dial(
-    addresses: Sequence[IPv4Address | IPv6Address], port: int, *, timeout: float
+    addresses: Sequence[IPv4Address | IPv6Address], port: int, *, deadline: float
 ) -> Dialled:
-    """Open a TCP connection to the first address that accepts, each attempt under ``timeout``."""
+    """Open a TCP connection to the first address that accepts, all by ``deadline`` (loop time).
+
+    Each attempt gets an equal share of the time left, so a first address that never answers
+    still leaves time for the next one, and the client never waits past the deadline.
+    """
     loop = asyncio.get_running_loop()
     last: DialError | None = None
-    for address in addresses[:MAX_ATTEMPTS]:
+    candidates = addresses[:MAX_ATTEMPTS]
+    for index, address in enumerate(candidates):
+        left = deadline - loop.time()
+        if left <= 0:
+            last = DialError(Outcome.CONNECT_TIMEOUT, f"{_hostport(address, port)}: timed out")
+            break
         upstream = UpstreamSide()
         family = socket.AF_INET if address.version == 4 else socket.AF_INET6
         try:
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout(left / (len(candidates) - index)):
                 await loop.create_connection(
                     lambda upstream=upstream: upstream,  # type: ignore[misc]
                     host=str(address),

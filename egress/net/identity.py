@@ -83,9 +83,11 @@ import socket
 import struct
 import sys
 from dataclasses import dataclass
-from typing import Final, NamedTuple
+from typing import Any, Final, NamedTuple
 
 __all__ = [
+    "ConnectionOwners",
+    "IdentityUnconfirmedError",
     "ProcNetTcpLookup",
     "SockAddr",
     "SocketOwner",
@@ -402,6 +404,71 @@ class ProcNetTcpLookup:
         end = table.find(b"\n", at)
         fields = table[at + len(needle) : end if end >= 0 else len(table)].split()
         return _owner(int(fields[0], 16), int(fields[4]), int(fields[6]))
+
+
+# --- bound to the accepted connection ------------------------------------------------------
+
+_TCP_ESTABLISHED: Final = 1  # include/net/tcp_states.h
+_TCP_CLOSE_WAIT: Final = 8  # the client half-closed: its socket still exists, the tuple is held
+
+
+class IdentityUnconfirmedError(OSError):
+    """The accepted connection was gone before its owner could be confirmed.
+
+    A TCP lookup finds the client socket by its 4-tuple. If the client reset the connection
+    between ``accept()`` and the lookup, another socket (another app's) may already have taken
+    the same source port and so the same 4-tuple; the answer would describe that socket. So
+    after every lookup the accepted socket must still be connected, or the answer is refused.
+    """
+
+
+def _still_connected(sock: Any) -> bool:
+    """Whether the kernel still has ``sock`` connected (``TCP_INFO``'s ``tcpi_state``).
+
+    While it is, its 4-tuple is ours: no other connection to this listener can have the same
+    one, so a lookup made before this check described our client.
+    """
+    state = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+    return state in (_TCP_ESTABLISHED, _TCP_CLOSE_WAIT)
+
+
+class ConnectionOwners:
+    """The uid owning the client end of an accepted connection, bound to that very connection.
+
+    ``SO_PEERCRED`` for ``AF_UNIX`` (recorded by the kernel at ``connect()``, nothing to
+    confirm); for TCP the 4-tuple lookup of ``tcp`` followed by the check that the accepted
+    socket is still connected (:class:`IdentityUnconfirmedError` otherwise). Works with asyncio
+    and uvloop transports.
+    """
+
+    __slots__ = ("_tcp",)
+
+    def __init__(self, tcp: TcpOwnerLookup | ProcNetTcpLookup) -> None:
+        self._tcp = tcp
+
+    def __call__(self, transport: Any, *, remote: tuple[str, int] | None = None) -> int | None:
+        """``remote``: where the client socket is connected to when that is not our listener's
+        address (transparent mode: the original destination)."""
+        sock = transport.get_extra_info("socket")
+        if sock is None:
+            raise ValueError("the transport has no socket")
+        if sock.family == socket.AF_UNIX:
+            return peer_uid_unix(sock)
+        peer = transport.get_extra_info("peername")
+        local = remote if remote is not None else transport.get_extra_info("sockname")
+        if not peer or not local:
+            raise IdentityUnconfirmedError(errno.ENOTCONN, "the client was gone before the lookup")
+        uid = self._tcp.lookup(peer[:2], local[:2])
+        if not _still_connected(sock):
+            raise IdentityUnconfirmedError(
+                errno.ECONNRESET,
+                "the client reset the connection before its owner was confirmed"
+                " (its 4-tuple may belong to another socket now)",
+            )
+        return uid
+
+    def close(self) -> None:
+        self._tcp.close()
 
 
 # --- choice at start-up -------------------------------------------------------------------------

@@ -113,7 +113,8 @@ class ClientSide(asyncio.Protocol):
 
 
 class Tunnel:
-    """One established tunnel: counts bytes per direction and reports once when it ends."""
+    """One established tunnel: counts the bytes written to each side (``bytes_up`` to the
+    upstream, ``bytes_down`` to the client) and reports once when it ends."""
 
     __slots__ = (
         "_client",
@@ -171,10 +172,19 @@ class Tunnel:
         elif upstream_side._pending_eof:
             self._upstream_eof = True
 
-    def start(self, first_upstream_bytes: bytes = b"") -> None:
-        """Begin relaying; ``first_upstream_bytes`` came from the client during the handshake."""
-        if first_upstream_bytes:
-            self.on_client_data(first_upstream_bytes)
+    def start(
+        self, client_bytes: bytes = b"", *, upstream_bytes: bytes = b"", client_eof: bool = False
+    ) -> None:
+        """Begin relaying.
+
+        ``upstream_bytes`` are ready to send as they are (a rewritten request head);
+        ``client_bytes`` came from the client before the tunnel existed and go through the
+        stream filter like any later bytes; ``client_eof`` says the client already half-closed.
+        """
+        if upstream_bytes:
+            self._write_up(upstream_bytes)
+        if client_bytes:
+            self.on_client_data(client_bytes)
         if self._upstream_early:
             early, self._upstream_early = self._upstream_early, b""
             self.on_upstream_data(early)
@@ -184,15 +194,16 @@ class Tunnel:
         if self._upstream_eof:
             self._upstream_eof = False
             self.on_upstream_eof()
+        if client_eof and not self._client_eof:
+            self.on_client_eof()
         if not self._upstream.is_closing():
             self._upstream.resume_reading()
         if not self._client.is_closing():
             self._client.resume_reading()
         self._idle_timer = self._loop.call_later(self._idle_timeout, self._check_idle)
 
-    # client -> upstream
+    # client -> upstream; bytes are counted as written to the other side
     def on_client_data(self, data: bytes) -> None:
-        self.bytes_up += len(data)
         self.last_activity = self._loop.time()
         if self._filter is not None:
             try:
@@ -200,8 +211,18 @@ class Tunnel:
             except ValueError as exc:
                 self._filter_failed(exc)
                 return
-        if data and not self._upstream_lost:
+        if data:
+            self._write_up(data)
+
+    def _write_up(self, data: bytes) -> None:
+        if not self._upstream_lost:
+            self.bytes_up += len(data)
             self._upstream.write(data)
+
+    def _write_down(self, data: bytes) -> None:
+        if not self._client_lost:
+            self.bytes_down += len(data)
+            self._client.write(data)
 
     def on_client_eof(self) -> bool:
         self._client_eof = True
@@ -222,7 +243,6 @@ class Tunnel:
 
     # upstream -> client
     def on_upstream_data(self, data: bytes) -> None:
-        self.bytes_down += len(data)
         self.last_activity = self._loop.time()
         if self._filter is not None:
             try:
@@ -230,8 +250,8 @@ class Tunnel:
             except ValueError as exc:
                 self._filter_failed(exc)
                 return
-        if data and not self._client_lost:
-            self._client.write(data)
+        if data:
+            self._write_down(data)
         if self._filter is not None and self._filter.done:
             self._finish("closed")
 
@@ -243,8 +263,8 @@ class Tunnel:
             except ValueError as exc:
                 self._filter_failed(exc)
                 return False
-            if tail and not self._client_lost:
-                self._client.write(tail)
+            if tail:
+                self._write_down(tail)
             self._finish("closed")
             return False
         if self._client_eof or self._client_lost:

@@ -12,14 +12,12 @@ from __future__ import annotations
 import socket
 import struct
 from ipaddress import IPv4Address, IPv6Address
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from egress.context import ConnectionContext
 from egress.net.connection import ClientConnection, ListenerKind
 from egress.net.dialer import Dialled
 from egress.outcomes import Outcome
-
-if TYPE_CHECKING:
-    from egress.server import ProxyServer
 
 # linux/netfilter_ipv4.h SO_ORIGINAL_DST and linux/netfilter_ipv6/ip6_tables.h
 # IP6T_SO_ORIGINAL_DST: both 80, at SOL_IP and SOL_IPV6 (= IPPROTO_IPV6).
@@ -58,65 +56,54 @@ def original_destination(sock: Any) -> tuple[IPv4Address | IPv6Address, int]:
 class TransparentConnection(ClientConnection):
     """A redirected client: identity and destination from the kernel, then the common path."""
 
-    __slots__ = ("_early", "_original")
+    __slots__ = ("_original",)
 
-    def __init__(self, server: ProxyServer) -> None:
-        super().__init__(server, ListenerKind.TRANSPARENT)
+    def __init__(self, context: ConnectionContext) -> None:
+        super().__init__(context, ListenerKind.TRANSPARENT)
         self._original: tuple[IPv4Address | IPv6Address, int] | None = None
-        self._early = bytearray()
 
     def connection_made(self, transport: Any) -> None:
-        sock = transport.get_extra_info("socket")
         try:
-            self._original = original_destination(sock)
+            self._original = original_destination(transport.get_extra_info("socket"))
         except OriginalDestinationError:
             self._original = None
+        else:
+            address, port = self._original
+            self.destination = (
+                f"[{address}]:{port}" if address.version == 6 else f"{address}:{port}"
+            )
         super().connection_made(transport)
-        if self.finished or self.transport is None or self.transport.is_closing():
-            return
-        if self._original is None:
-            self.destination = None
-            self.fail(Outcome.BAD_REQUEST, "not a redirected connection")
-            return
-        address, port = self._original
-        if self.server.is_own_listener(address, port):
-            self.fail(Outcome.BAD_REQUEST, "redirect loop: destination is the proxy itself")
-            return
-        self.request_complete(address, port, b"")
 
-    def _identify(self) -> int | None:
+    def precheck(self) -> tuple[Outcome, str] | None:
+        if self._original is None:
+            return Outcome.BAD_REQUEST, "not a redirected connection"
+        if self.ctx.is_own_listener(*self._original):
+            return Outcome.BAD_REQUEST, "redirect loop: destination is the proxy itself"
+        return None
+
+    def identify(self) -> int | None:
         # After REDIRECT the client's socket is still keyed by its original destination, so
         # that (not our listener address) is the remote end to look up.
-        assert self.transport is not None
-        if self._original is None:
-            return None
-        peer = self.transport.get_extra_info("peername")
-        if not peer:
-            return None
+        assert self.transport is not None and self._original is not None
         address, port = self._original
-        peer_host = peer[0]
-        if address.version == 4 and peer_host.startswith("::ffff:"):
-            peer_host = peer_host[len("::ffff:") :]
-        return self.server.tcp_identity.lookup((peer_host, peer[1]), (str(address), port))
+        peer = self.transport.get_extra_info("peername")
+        remote = (str(address), port)
+        if address.version == 4 and peer and peer[0].startswith("::ffff:"):
+            remote = (f"::ffff:{address}", port)  # the client is v4 on a dual-stack listener
+        return self.ctx.identify(self.transport, remote=remote)
+
+    def admitted(self) -> None:
+        assert self._original is not None
+        self.request_complete(*self._original, b"")
 
     def data_received(self, data: bytes) -> None:
-        """Bytes the client sent before the tunnel exists (it believes it is connected).
-
-        uvloop starts reading only after connection_made returns, so a pause made there does
-        not hold: keep what arrives, pause again, and hand it upstream when the tunnel starts.
-        One read is bounded by the loop's buffer, and reading stays paused after it.
-        """
-        self._early += data
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.pause_reading()
-
-    def first_upstream_bytes(self, early: bytes) -> bytes:
-        return early + bytes(self._early)
+        """Bytes the client sent before the tunnel exists (it believes it is connected)."""
+        self.hold_early(data)
 
     def send_success(self, dialled: Dialled) -> None:
         """The client already thinks it is connected: nothing to say."""
 
-    def send_failure(self, outcome: Outcome, text: str) -> None:
+    def send_failure(self, outcome: Outcome, text: str, retry_after: float | None) -> None:
         """No protocol to carry a reason: the close (a reset) is the answer."""
         if self.transport is not None:
             self.transport.abort()

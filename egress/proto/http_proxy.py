@@ -28,7 +28,6 @@ from egress.proto.socks5 import NEED_DATA, NeedData
 
 __all__ = [
     "NEED_DATA",
-    "PROXY_AUTHENTICATE_BASIC",
     "ConnectRequest",
     "ForwardRequest",
     "HttpForwardExchange",
@@ -38,8 +37,6 @@ __all__ = [
     "render_connect_ok",
     "render_error",
 ]
-
-PROXY_AUTHENTICATE_BASIC: Final = ("Proxy-Authenticate", 'Basic realm="egress"')
 
 # Connection-specific headers (RFC 9110 section 7.6.1, plus the de-facto Proxy-Connection and
 # the proxy credentials, which are for us and must never travel on). Transfer-Encoding is here
@@ -73,24 +70,17 @@ _SF_STRING_OK: Final = frozenset(chr(c) for c in range(0x20, 0x7F))
 class HttpProxyError(ValueError):
     """A request (or, for :class:`HttpForwardExchange`, an upstream response) we cannot serve.
 
-    ``status`` is the HTTP status to answer with: 400, 405 (refused method), 431 (head too
-    large), h11's hint for what it refuses (501 for a transfer coding other than chunked, 505
-    for an HTTP version it does not speak), 502 for a bad upstream response. ``reason`` is a
-    one-line text safe to show the client and to log (no credentials), ``outcome`` the row of
-    the outcome table to count.
+    ``outcome`` is the row of the outcome table to count and log (``bad_request`` unless said
+    otherwise). ``status`` is the HTTP status to answer with: the outcome's, made more precise
+    where HTTP has a better word for it (431 for a head too large, h11's 501 for a transfer
+    coding other than chunked and 505 for an HTTP version it does not speak). ``reason`` is a
+    one-line text safe to show the client and to log (no credentials).
     """
 
-    def __init__(self, status: int, reason: str, *, outcome: Outcome | None = None) -> None:
+    def __init__(self, status: int, reason: str, *, outcome: Outcome = Outcome.BAD_REQUEST) -> None:
         super().__init__(f"{status} {reason}")
         self.status = status
         self.reason = reason
-        if outcome is None:
-            if status == 405:
-                outcome = Outcome.UNSUPPORTED_COMMAND
-            elif status in (502, 504):  # 501/505 are h11 refusing the client's request
-                outcome = Outcome.UPSTREAM_ERROR
-            else:
-                outcome = Outcome.BAD_REQUEST
         self.outcome = outcome
 
 
@@ -203,7 +193,12 @@ class HttpProxyParser:
 
     def _forward(self, request: h11.Request) -> ForwardRequest:
         if request.method in _REFUSED_METHODS:
-            self._fail(405, f"method {request.method.decode('ascii')} not allowed")
+            self._phase = _Phase.FAILED
+            raise HttpProxyError(
+                405,
+                f"method {request.method.decode('ascii')} not allowed",
+                outcome=Outcome.UNSUPPORTED_COMMAND,
+            )
         target = request.target.decode("ascii")
         scheme_end = target.find("://")
         if scheme_end < 0:
@@ -357,14 +352,14 @@ class HttpForwardExchange:
             try:
                 event = self._up.next_event()
             except h11.RemoteProtocolError as exc:
-                raise HttpProxyError(502, "bad upstream response: " + _one_line(str(exc))) from None
+                raise _upstream_error("bad upstream response: " + _one_line(str(exc))) from None
             if event is h11.NEED_DATA or event is h11.PAUSED:
                 break
             self._responded = True
             try:
                 if isinstance(event, h11.InformationalResponse):
                     if event.status_code == 101:
-                        raise HttpProxyError(502, "upstream switched protocols")
+                        raise _upstream_error("upstream switched protocols")
                     headers = _strip_hop_by_hop(event.headers.raw_items())
                     out += client.send(
                         h11.InformationalResponse(
@@ -388,9 +383,9 @@ class HttpForwardExchange:
                     out += client.send(h11.EndOfMessage())
                     self._done = True
                 else:
-                    raise HttpProxyError(502, "upstream closed without a complete response")
+                    raise _upstream_error("upstream closed without a complete response")
             except h11.LocalProtocolError as exc:
-                raise HttpProxyError(502, "bad upstream response: " + _one_line(str(exc))) from None
+                raise _upstream_error("bad upstream response: " + _one_line(str(exc))) from None
         return bytes(out)
 
     def _send_up(self, event: h11.Request | h11.Data | h11.EndOfMessage) -> bytes:
@@ -412,8 +407,8 @@ def render_error(
     """A complete ``Connection: close`` error response with a one-line text/plain body.
 
     ``proxy_status`` is the RFC 9209 error type (from the outcome table); when given, a
-    ``Proxy-Status`` header carries it with the reason as ``details``. A 407 always carries the
-    Basic challenge, so callers cannot forget it.
+    ``Proxy-Status`` header carries it with the reason as ``details``. ``extra_headers`` come from
+    the outcome table too (``Proxy-Authenticate``, ``Retry-After``).
     """
     text = _one_line(reason_text)
     body = (text + "\n").encode("utf-8")
@@ -430,8 +425,6 @@ def render_error(
         headers.append(
             ("Proxy-Status", f"egress; error={proxy_status}; details={_sf_string(text)}")
         )
-    if status == 407 and not any(n.lower() == "proxy-authenticate" for n, _ in extra_headers):
-        headers.append(PROXY_AUTHENTICATE_BASIC)
     headers.extend(extra_headers)
     lines = [f"HTTP/1.1 {status} {phrase}"]
     for name, value in headers:
@@ -451,6 +444,10 @@ def render_connect_ok() -> bytes:
 
 def _fail(status: int, reason: str) -> NoReturn:
     raise HttpProxyError(status, reason)
+
+
+def _upstream_error(reason: str) -> HttpProxyError:
+    return HttpProxyError(502, reason, outcome=Outcome.UPSTREAM_ERROR)
 
 
 def _one_line(text: str, limit: int = 200) -> str:

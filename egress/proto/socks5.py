@@ -26,13 +26,7 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address
 from typing import Final, NoReturn
 
-from egress.outcomes import (
-    SOCKS5_ADDRESS_TYPE_NOT_SUPPORTED,
-    SOCKS5_COMMAND_NOT_SUPPORTED,
-    SOCKS5_GENERAL_FAILURE,
-    SOCKS5_SUCCEEDED,
-    Outcome,
-)
+from egress.outcomes import OUTCOMES, SOCKS5_SUCCEEDED, Outcome
 
 __all__ = [
     "ATYP_DOMAIN",
@@ -68,7 +62,6 @@ ATYP_IPV6: Final = 0x04
 # Bytes allowed in a DOMAINNAME: visible ASCII only. Anything else (NUL, controls, space, DEL,
 # 8-bit) has no business in a host name and would only reach logs or the resolver as a trick.
 _DOMAIN_BYTES: Final = bytes(range(0x21, 0x7F))
-_BAD_ATYP: Final = SOCKS5_ADDRESS_TYPE_NOT_SUPPORTED
 
 
 class NeedData(enum.Enum):
@@ -89,21 +82,17 @@ NEED_DATA: Final = NeedData.NEED_DATA
 class Socks5ProtocolError(ValueError):
     """The client broke the protocol.
 
-    ``reply_code`` is the RFC 1928 reply the driver should send (with :meth:`Socks5Server.reply`)
-    before closing, or ``None`` when no reply fits (wrong version, garbage greeting, bad auth
-    sub-negotiation): then the driver just closes. ``outcome`` is the row of the outcome table the
-    driver should count and log. The message never contains client secrets.
+    ``outcome`` is the row of the outcome table the driver counts and logs. ``reply_code`` is the
+    RFC 1928 reply (the outcome's, from the table) the driver should send with
+    :meth:`Socks5Server.reply` before closing, or ``None`` when no reply fits (wrong version,
+    garbage greeting, bad auth sub-negotiation, or a request not yet complete): then the driver
+    just closes. The message never contains client secrets.
     """
 
-    def __init__(self, message: str, *, reply_code: int | None) -> None:
+    def __init__(self, message: str, *, outcome: Outcome, reply: bool) -> None:
         super().__init__(message)
-        self.reply_code = reply_code
-        if reply_code == SOCKS5_COMMAND_NOT_SUPPORTED:
-            self.outcome = Outcome.UNSUPPORTED_COMMAND
-        elif reply_code == SOCKS5_ADDRESS_TYPE_NOT_SUPPORTED:
-            self.outcome = Outcome.BAD_ADDRESS
-        else:
-            self.outcome = Outcome.BAD_REQUEST
+        self.outcome = outcome
+        self.reply_code = OUTCOMES[outcome].socks5 if reply else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,7 +184,7 @@ class Socks5Server:
         if self._eof:
             raise RuntimeError("receive_data() called after EOF")
         if len(self._buffer) + len(data) > self._max_buffer:
-            self._fail("handshake exceeds buffer limit", self._phase_reply(SOCKS5_GENERAL_FAILURE))
+            self._fail("handshake exceeds buffer limit", reply=self._may_reply())
         self._buffer += data
 
     def next_event(self) -> Event | NeedData:
@@ -215,7 +204,11 @@ class Socks5Server:
         else:
             raise RuntimeError(f"next_event() called in state {state.name}: the driver must act")
         if event is NEED_DATA and self._eof:
-            self._fail("client closed the connection mid-handshake", None)
+            self._fail(
+                "client closed the connection mid-handshake",
+                reply=False,
+                outcome=Outcome.CLIENT_CLOSED,
+            )
         return event
 
     def trailing_data(self) -> bytes:
@@ -296,12 +289,12 @@ class Socks5Server:
         if not buf:
             return NEED_DATA
         if buf[0] != SOCKS_VERSION:
-            self._fail(f"not SOCKS5 (version byte 0x{buf[0]:02x})", None)
+            self._fail(f"not SOCKS5 (version byte 0x{buf[0]:02x})", reply=False)
         if len(buf) < 2:
             return NEED_DATA
         nmethods = buf[1]
         if nmethods == 0:
-            self._fail("greeting offers no authentication method", None)
+            self._fail("greeting offers no authentication method", reply=False)
         end = 2 + nmethods
         if len(buf) < end:
             return NEED_DATA
@@ -318,7 +311,7 @@ class Socks5Server:
         if not buf:
             return NEED_DATA
         if buf[0] != AUTH_VERSION:
-            self._fail(f"bad username/password version 0x{buf[0]:02x}", None)
+            self._fail(f"bad username/password version 0x{buf[0]:02x}", reply=False)
         if len(buf) < 2:
             return NEED_DATA
         ulen = buf[1]
@@ -339,15 +332,19 @@ class Socks5Server:
         if n < 4:
             # Check what has arrived so a bad version fails before the client trickles more.
             if n and buf[0] != SOCKS_VERSION:
-                self._fail(f"bad request version 0x{buf[0]:02x}", None)
+                self._fail(f"bad request version 0x{buf[0]:02x}", reply=False)
             return NEED_DATA
         if buf[0] != SOCKS_VERSION:
-            self._fail(f"bad request version 0x{buf[0]:02x}", None)
+            self._fail(f"bad request version 0x{buf[0]:02x}", reply=False)
         cmd, rsv, atyp = buf[1], buf[2], buf[3]
         if cmd != CMD_CONNECT:
-            self._fail(f"command 0x{cmd:02x} not supported", SOCKS5_COMMAND_NOT_SUPPORTED)
+            self._fail(
+                f"command 0x{cmd:02x} not supported",
+                reply=True,
+                outcome=Outcome.UNSUPPORTED_COMMAND,
+            )
         if rsv != 0x00:
-            self._fail("reserved byte is not zero", SOCKS5_GENERAL_FAILURE)
+            self._fail("reserved byte is not zero", reply=True)
         host: str | IPv4Address | IPv6Address
         if atyp == ATYP_IPV4:
             end = 10
@@ -364,19 +361,21 @@ class Socks5Server:
                 return NEED_DATA
             length = buf[4]
             if length == 0:
-                self._fail("empty domain name", SOCKS5_ADDRESS_TYPE_NOT_SUPPORTED)
+                self._fail("empty domain name", reply=True, outcome=Outcome.BAD_ADDRESS)
             end = 5 + length + 2
             if n < end:
                 return NEED_DATA
             name = bytes(buf[5 : 5 + length])
             if name.translate(None, _DOMAIN_BYTES):
-                self._fail("domain name has invalid bytes", SOCKS5_ADDRESS_TYPE_NOT_SUPPORTED)
+                self._fail("domain name has invalid bytes", reply=True, outcome=Outcome.BAD_ADDRESS)
             host = name.decode("ascii")
         else:
-            self._fail(f"address type 0x{atyp:02x} not supported", _BAD_ATYP)
+            self._fail(
+                f"address type 0x{atyp:02x} not supported", reply=True, outcome=Outcome.BAD_ADDRESS
+            )
         port = (buf[end - 2] << 8) | buf[end - 1]
         if port == 0:
-            self._fail("destination port 0", SOCKS5_GENERAL_FAILURE)
+            self._fail("destination port 0", reply=True)
         del buf[:end]
         self._state = _State.REPLY
         return ConnectRequest(host, port, atyp)
@@ -387,14 +386,16 @@ class Socks5Server:
         self._state = _State.REQUEST
         self._request_phase = True
 
-    def _phase_reply(self, code: int) -> int | None:
+    def _may_reply(self) -> bool:
         # A final reply only makes sense once the client is waiting for one.
-        return code if self._request_phase and not self._replied_in_request_phase else None
+        return self._request_phase and not self._replied_in_request_phase
 
     def _expect(self, state: _State, method: str) -> None:
         if self._state is not state:
             raise RuntimeError(f"{method}() called in state {self._state.name}")
 
-    def _fail(self, message: str, reply_code: int | None) -> NoReturn:
+    def _fail(
+        self, message: str, *, reply: bool, outcome: Outcome = Outcome.BAD_REQUEST
+    ) -> NoReturn:
         self._state = _State.CLOSED
-        raise Socks5ProtocolError(message, reply_code=reply_code)
+        raise Socks5ProtocolError(message, outcome=outcome, reply=reply)

@@ -11,10 +11,14 @@ import pytest
 from egress.net.connection import ListenerKind
 from tests.support import (
     APP_UID,
+    OTHER_APP_UID,
+    STRANGER_UID,
     EchoUpstream,
     base_config,
+    eventually,
     http_connect,
     open_as_uid,
+    refused_at_accept,
     run,
     running_proxy,
     socks5_connect,
@@ -57,7 +61,7 @@ def test_garbage_gets_an_error_and_a_close(
             (record,) = await proxy.wait_records(1)
         if listener is ListenerKind.HTTP:
             assert reply.startswith(b"HTTP/1.1 400")
-        assert record["decision"] == "denied"
+        assert record["decision"] == "error"  # a protocol error, not a policy denial
         assert record["reason"] in {"bad_request", "bad_address", "unsupported_command"}
 
     run(loop_kind, main())
@@ -120,36 +124,72 @@ def test_oversized_socks5_domain_within_limits_is_handled(loop_kind: str, tmp_pa
     run(loop_kind, main())
 
 
-def test_hundreds_of_stalled_clients_do_not_block_new_ones(loop_kind: str, tmp_path: Path) -> None:
+def test_one_apps_stalled_clients_do_not_block_another_app(loop_kind: str, tmp_path: Path) -> None:
+    """300 of one app's clients stall in their handshake: the app holds at most
+    max_handshakes_per_app of them (the rest are refused at once), and another app's client
+    still gets through at once."""
+
+    async def main() -> None:
+        async with EchoUpstream() as upstream:
+            allow = [f"127.0.0.1:{upstream.port}"]
+            settings = config(upstream.port, handshake_timeout=5.0, max_handshakes_per_app=40)
+            settings["app"] = [
+                {"name": "noisy", "uids": [str(APP_UID)], "allow": allow},
+                {"name": "quiet", "uids": [str(OTHER_APP_UID)], "allow": allow},
+            ]
+            async with running_proxy(settings, tmp_path) as proxy:
+                stalled = []
+                for index in range(300):
+                    listener = ListenerKind.SOCKS5 if index % 2 else ListenerKind.HTTP
+                    reader, writer = await open_as_uid(APP_UID, *proxy.address(listener))
+                    writer.write(
+                        b"\x05\x02" if listener is ListenerKind.SOCKS5 else b"CONNECT 127.0.0.1"
+                    )
+                    stalled.append(writer)
+                refused = await proxy.wait_records(260)
+                assert {r["reason"] for r in refused} == {"handshake_limit"}
+                assert proxy.runtime.registry.handshakes("noisy") == 40
+                started = asyncio.get_running_loop().time()
+                quiet = proxy.address(ListenerKind.HTTP)
+                reader, writer = await open_as_uid(OTHER_APP_UID, *quiet)
+                status, _, _ = await http_connect(reader, writer, f"127.0.0.1:{upstream.port}")
+                assert status == 200
+                writer.write(b"ping")
+                assert await reader.readexactly(4) == b"ping"
+                assert asyncio.get_running_loop().time() - started < 1.0
+                writer.close()
+                for stale in stalled:
+                    stale.close()
+                await eventually(lambda: proxy.connections() == [], "every connection closed")
+
+    run(loop_kind, main())
+
+
+def test_uids_in_no_app_cannot_fill_max_connections(loop_kind: str, tmp_path: Path) -> None:
+    """A local uid in no app is refused at accept, so it holds nothing: not even for the
+    handshake timeout."""
+
     async def main() -> None:
         async with (
             EchoUpstream() as upstream,
             running_proxy(
-                config(upstream.port, handshake_timeout=5.0),
-                tmp_path,
+                config(upstream.port, max_connections=10, handshake_timeout=5.0), tmp_path
             ) as proxy,
         ):
-            stalled = []
-            for index in range(300):
-                listener = ListenerKind.SOCKS5 if index % 2 else ListenerKind.HTTP
-                reader, writer = await open_as_uid(APP_UID, *proxy.address(listener))
-                writer.write(
-                    b"\x05\x02" if listener is ListenerKind.SOCKS5 else b"CONNECT 127.0.0.1"
+            strangers = []
+            for _ in range(50):
+                reader, writer = await open_as_uid(
+                    STRANGER_UID, *proxy.address(ListenerKind.SOCKS5)
                 )
-                stalled.append(writer)
-            started = asyncio.get_running_loop().time()
-            reader, writer = await open_as_uid(APP_UID, *proxy.address(ListenerKind.HTTP))
-            status, _, _ = await http_connect(reader, writer, f"127.0.0.1:{upstream.port}")
-            assert status == 200
-            writer.write(b"ping")
-            assert await reader.readexactly(4) == b"ping"
-            assert asyncio.get_running_loop().time() - started < 1.0
+                strangers.append(writer)
+                assert await refused_at_accept(reader)
+            records = await proxy.wait_records(50)
+            assert {r["reason"] for r in records} == {"unknown_client"}
+            reader, writer = await open_as_uid(APP_UID, *proxy.address(ListenerKind.SOCKS5))
+            assert await socks5_connect(reader, writer, "127.0.0.1", upstream.port) == 0
             writer.close()
-            for stale in stalled:
-                stale.close()
-            assert proxy.runtime.server is not None
-            await asyncio.sleep(0.2)
-            assert len(proxy.runtime.server.connections) == 0
+            for stranger in strangers:
+                stranger.close()
 
     run(loop_kind, main())
 
@@ -180,7 +220,7 @@ def test_no_file_descriptor_leak_after_many_connections(loop_kind: str, tmp_path
     async def main() -> None:
         async with (
             EchoUpstream() as upstream,
-            running_proxy(config(upstream.port), tmp_path) as proxy,
+            running_proxy(config(upstream.port, max_handshakes_per_app=1000), tmp_path) as proxy,
         ):
 
             async def one(index: int) -> None:
@@ -200,8 +240,7 @@ def test_no_file_descriptor_leak_after_many_connections(loop_kind: str, tmp_path
             await proxy.wait_records(350)
             await asyncio.sleep(0.1)
             after = len(os.listdir("/proc/self/fd"))
-            assert proxy.runtime.server is not None
-            assert len(proxy.runtime.server.connections) == 0
+            assert proxy.connections() == []
         assert after - before <= 2, (before, after)
 
     run(loop_kind, main())
@@ -220,6 +259,6 @@ def test_client_that_hangs_up_is_client_closed_not_an_error(loop_kind: str, tmp_
                 writer.close()
             records = await proxy.wait_records(2)
         assert {r["reason"] for r in records} == {"client_closed"}
-        assert {r["decision"] for r in records} == {"denied"}
+        assert {r["decision"] for r in records} == {"error"}
 
     run(loop_kind, main())

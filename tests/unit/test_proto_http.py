@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from egress.outcomes import Outcome
+from egress.outcomes import OUTCOMES, Outcome
 from egress.proto.http_proxy import (
     NEED_DATA,
     ConnectRequest,
@@ -524,8 +524,15 @@ def test_render_error_with_proxy_status() -> None:
     assert body == b'blog may not reach "evil\\host":443\n'
 
 
-def test_render_error_sanitises_and_adds_challenge() -> None:
-    out = render_error(407, "auth\r\nInjected: yes é", proxy_status="http_request_denied")
+def test_render_error_sanitises_and_carries_the_tables_headers() -> None:
+    row = OUTCOMES[Outcome.AUTH_REQUIRED]
+    assert row.http == 407
+    out = render_error(
+        407,
+        "auth\r\nInjected: yes é",
+        proxy_status=row.proxy_status,
+        extra_headers=row.http_headers(),
+    )
     head, body = out.split(b"\r\n\r\n", 1)
     assert b"\r\nInjected" not in head
     assert b'Proxy-Authenticate: Basic realm="egress"' in head

@@ -240,14 +240,12 @@ def test_protocol_errors(feeding: Splitter, data: bytes, reply_code: int | None)
     assert info.value.reply_code == reply_code
 
 
-def test_error_outcomes() -> None:
-    assert Socks5ProtocolError("x", reply_code=SOCKS5_COMMAND_NOT_SUPPORTED).outcome == (
-        Outcome.UNSUPPORTED_COMMAND
-    )
-    assert Socks5ProtocolError("x", reply_code=SOCKS5_ADDRESS_TYPE_NOT_SUPPORTED).outcome == (
-        Outcome.BAD_ADDRESS
-    )
-    assert Socks5ProtocolError("x", reply_code=None).outcome == Outcome.BAD_REQUEST
+def test_error_reply_codes_come_from_the_outcome_table() -> None:
+    unsupported = Socks5ProtocolError("x", outcome=Outcome.UNSUPPORTED_COMMAND, reply=True)
+    assert unsupported.reply_code == SOCKS5_COMMAND_NOT_SUPPORTED
+    bad_address = Socks5ProtocolError("x", outcome=Outcome.BAD_ADDRESS, reply=True)
+    assert bad_address.reply_code == SOCKS5_ADDRESS_TYPE_NOT_SUPPORTED
+    assert Socks5ProtocolError("x", outcome=Outcome.BAD_REQUEST, reply=False).reply_code is None
 
 
 def test_bad_auth_version(feeding: Splitter) -> None:
