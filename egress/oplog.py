@@ -23,10 +23,11 @@ class JsonFormatter(logging.Formatter):
         }
         for key, value in record.__dict__.items():
             if key not in _STANDARD_ATTRS and not key.startswith("_"):
-                entry[key] = value if isinstance(value, int | float | bool | None) else str(value)
+                plain = isinstance(value, int | float | bool | None | list | tuple | dict)
+                entry[key] = value if plain else str(value)
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
-        return json.dumps(entry, separators=(",", ":"))
+        return json.dumps(entry, separators=(",", ":"), default=str)
 
 
 def set_level(level: str) -> None:

@@ -166,7 +166,7 @@ class App:
         rule_items: tuple[object, ...] = self.allow
         for index, rule in enumerate(rule_items):
             if not isinstance(rule, Rule):
-                check(f"allow[{index}]", rule, _rule)
+                check(f"allow[{index}]", rule, _rule_object)
         mode: object = self.mode
         if not isinstance(mode, Mode):
             check("mode", mode, choice(Mode))
@@ -414,6 +414,14 @@ def _rule(raw: Any) -> Rule:
         return parse_rule(raw)
     except RuleSyntaxError as error:
         raise RejectedError(str(error)) from None
+
+
+def _rule_object(raw: Any) -> Rule:
+    """For typed construction: a Rule, never text (a string is parsed only to say why not)."""
+    if isinstance(raw, Rule):
+        return raw
+    _rule(raw)
+    raise RejectedError("a parsed Rule", "parse rule strings with rules.parse.parse_rule")
 
 
 def _username(raw: Any) -> str:

@@ -14,6 +14,8 @@ from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, cast
 
+import tomlkit
+
 from egress.config import Config, parse_config
 from egress.net.connection import ClientConnection, ListenerKind
 from egress.runtime import ProxyRuntime
@@ -80,8 +82,17 @@ def base_config(**sections: Any) -> dict[str, Any]:
     return config
 
 
+def write_config(path: Path, data: dict[str, Any]) -> Path:
+    """Write ``data`` (the shape :func:`base_config` returns) as a TOML config file."""
+    path.write_text(tomlkit.dumps(data), encoding="utf-8")
+    return path
+
+
 def make_config(data: dict[str, Any], tmp_path: Path) -> Config:
-    return parse_config(data, source=str(tmp_path / "test.toml"))
+    """The config ``data`` describes, also written to ``tmp_path/test.toml`` (its source), so
+    a reload reads the same settings until a test writes new ones there."""
+    path = write_config(tmp_path / "test.toml", data)
+    return parse_config(data, source=str(path))
 
 
 class ProxyHandle:

@@ -279,3 +279,90 @@ def test_check_config_reports_every_problem(tmp_path: Path) -> None:
     )
     assert good.returncode == 0, good.stderr
     assert "api.example.com:443" in good.stdout
+
+
+def test_a_failed_start_is_one_json_error_line_and_exit_2(tmp_path: Path) -> None:
+    """A port in use: nothing is served, nothing pretends to drain, one line says why."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = tmp_path / "egress.toml"
+        write_config(config, port, free_port(), ["127.0.0.1:1"], tmp_path / "conn.log")
+        result = subprocess.run(
+            [sys.executable, "-m", "egress.cli", "proxy", "--config", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    assert result.returncode == 2
+    lines = [json.loads(line) for line in result.stderr.splitlines()]  # all JSON
+    (error,) = [e for e in lines if e["level"] == "error"]
+    assert error["msg"] == "cannot start"
+    assert f"proxy.socks5_listen: cannot listen on 127.0.0.1:{port}" in error["error"]
+    assert not [e for e in lines if e["msg"] in ("listening", "draining", "proxy stopped")]
+
+
+def test_a_bad_config_at_start_is_one_json_error_line_with_every_problem(tmp_path: Path) -> None:
+    config = tmp_path / "egress.toml"
+    config.write_text('[proxy]\nsocks_listen = ["127.0.0.1:1080"]\n[log]\nlevel = "loud"\n')
+    result = subprocess.run(
+        [sys.executable, "-m", "egress.cli", "proxy", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 2
+    (error,) = [json.loads(line) for line in result.stderr.splitlines()]
+    assert error["msg"] == "cannot start: bad config"
+    problems = " ".join(error["problems"])
+    assert "proxy.socks_listen" in problems and "log.level" in problems
+
+
+def test_metrics_have_no_created_series_and_carry_process_and_build_info(
+    setup: dict[str, Any],
+) -> None:
+    from egress import __version__
+
+    metrics = scrape(setup["admin"])
+    assert "_created" not in metrics
+    assert "process_resident_memory_bytes" in metrics
+    assert "process_open_fds" in metrics
+    assert f'version="{__version__}"' in metrics
+    assert "egress_build_info{" in metrics
+    assert "egress_rules_version 1.0" in metrics
+
+
+def test_check_config_takes_config_and_warns_about_what_cannot_work(tmp_path: Path) -> None:
+    config = tmp_path / "egress.toml"
+    config.write_text(
+        '[proxy]\nsocks5_listen = ["127.0.0.1:1080"]\n'
+        '[firewall]\nsandbox_uids = ["10000-19999"]\n'
+        '[[app]]\nname = "blog"\nuids = ["10001", "20001"]\n'
+        'allow = ["203.0.113.0/24:443", "api.example.com:443"]\n'
+        "limits = { burst = 5 }\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "egress.cli", "check-config", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 3, result.stderr
+    assert "'203.0.113.0/24:443' can only match special-purpose addresses" in warnings[0]
+    assert "20001 is not (all) inside firewall.sandbox_uids" in warnings[1]
+    assert "limits: accepted but not enforced yet" in warnings[2]
+    assert "the config is valid (exit 0)" in result.stderr
+    clean = subprocess.run(
+        [sys.executable, "-m", "egress.cli", "check-config", "--config", "config.example.toml"],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=Path(__file__).parents[2],
+    )
+    assert clean.returncode == 0
+    assert "warning" not in clean.stderr

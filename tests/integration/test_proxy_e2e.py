@@ -595,6 +595,48 @@ def test_plain_http_forwarding_strips_hop_by_hop_headers(loop_kind: str, tmp_pat
         assert b"keep-alive: " not in lowered_response and b"x-secret-hop" not in lowered_response
         assert b"x-end: 1" in lowered_response
         assert record["decision"] == "allowed"
+        # Counted as relayed: the rewritten request head went up, the re-framed response down.
+        assert record["bytes_up"] == len(head)
+        assert record["bytes_down"] == len(response)
+
+    run(loop_kind, main())
+
+
+@pytest.mark.parametrize("size", [5_000, 1_000_000])
+def test_plain_http_forwarding_counts_every_body_byte(
+    loop_kind: str, tmp_path: Path, size: int
+) -> None:
+    """A POST's body is counted whether it arrived with the head or after the tunnel began."""
+
+    async def main() -> None:
+        received = bytearray()
+
+        async def origin(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            received.extend(await reader.readuntil(b"\r\n\r\n"))
+            received.extend(await reader.readexactly(size))
+            writer.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+            await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(origin, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            async with running_proxy(loopback_config(port), tmp_path) as proxy:
+                reader, writer = await open_as_uid(APP_UID, *proxy.address(ListenerKind.HTTP))
+                writer.write(
+                    f"POST http://127.0.0.1:{port}/up HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                    f"Content-Length: {size}\r\n\r\n".encode()
+                    + b"b" * size
+                )
+                await writer.drain()
+                response = await reader.read()
+                await close(writer)
+                (record,) = await proxy.wait_records(1)
+        finally:
+            server.close()
+            await server.wait_closed()
+        assert response.startswith(b"HTTP/1.1 204")
+        assert record["bytes_up"] == len(received) > size
 
     run(loop_kind, main())
 

@@ -1,0 +1,190 @@
+"""SIGHUP's work, in process: what a reload applies live, what it refuses, what needs a restart.
+
+``ProxyRuntime.reload()`` is what the SIGHUP handler runs; these tests call it directly after
+rewriting the config file, with real listeners, real DNS stubs and real upstreams.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from egress.net.connection import ListenerKind
+from tests.dnsstub import DnsStub
+from tests.support import (
+    APP_UID,
+    EchoUpstream,
+    ProxyHandle,
+    base_config,
+    eventually,
+    open_as_uid,
+    run,
+    running_proxy,
+    socks5_connect,
+    write_config,
+)
+
+pytestmark = [pytest.mark.root, pytest.mark.usefixtures("root")]
+
+
+def loopback(port: int, **sections: Any) -> dict[str, Any]:
+    sections.setdefault("security", {"allow_special": ["127.0.0.0/8"]})
+    sections.setdefault(
+        "app", [{"name": "blog", "uids": [str(APP_UID)], "allow": [f"127.0.0.1:{port}"]}]
+    )
+    return base_config(**sections)
+
+
+async def reload_with(proxy: ProxyHandle, data: dict[str, Any]) -> bool:
+    write_config(Path(proxy.runtime.config.source), data)
+    return await proxy.runtime.reload()
+
+
+async def connect_code(proxy: ProxyHandle, host: str | bytes, port: int) -> int:
+    reader, writer = await open_as_uid(APP_UID, *proxy.address(ListenerKind.SOCKS5))
+    code = await socks5_connect(reader, writer, host, port)
+    writer.close()
+    return code
+
+
+def test_rules_change_live_and_the_log_carries_the_version(loop_kind: str, tmp_path: Path) -> None:
+    async def main() -> None:
+        async with EchoUpstream() as upstream, EchoUpstream() as other:
+            data = loopback(upstream.port)
+            async with running_proxy(data, tmp_path) as proxy:
+                data["log"]["connection_log"] = str(proxy.log_path)
+                assert await connect_code(proxy, "127.0.0.1", other.port) == 0x02
+                changed = copy.deepcopy(data)
+                changed["app"][0]["allow"] = [f"127.0.0.1:{other.port}"]
+                assert await reload_with(proxy, changed)
+                assert await connect_code(proxy, "127.0.0.1", other.port) == 0
+                # The same rules again are not a new version.
+                assert await reload_with(proxy, changed)
+                records = await proxy.wait_records(2)
+                version = proxy.runtime.holder.current.version
+        assert [r["rules_version"] for r in records] == [1, 2]
+        assert version == 2
+
+    run(loop_kind, main())
+
+
+def test_a_bad_file_changes_nothing_and_is_counted(loop_kind: str, tmp_path: Path) -> None:
+    async def main() -> None:
+        async with EchoUpstream() as upstream:
+            data = loopback(upstream.port)
+            async with running_proxy(data, tmp_path) as proxy:
+                data["log"]["connection_log"] = str(proxy.log_path)
+                bad = copy.deepcopy(data)
+                bad["app"][0]["allow"] = ["not a rule"]
+                bad["proxy"]["handshake_timeout"] = 0.1
+                assert not await reload_with(proxy, bad)
+                assert proxy.runtime.context.settings.handshake_timeout == 2.0
+                assert await connect_code(proxy, "127.0.0.1", upstream.port) == 0
+                registry = proxy.runtime.metrics.registry
+                errors = registry.get_sample_value(
+                    "egress_config_reloads_total", {"result": "error"}
+                )
+        assert errors == 1.0
+
+    run(loop_kind, main())
+
+
+def test_resolver_log_and_proxy_knobs_apply_live(
+    loop_kind: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def main() -> None:
+        with (
+            DnsStub({"svc.example.test": ["127.0.0.1"]}) as first,
+            DnsStub({"svc.example.test": ["127.0.0.1"]}) as second,
+        ):
+            async with EchoUpstream() as upstream:
+                data = loopback(
+                    upstream.port,
+                    resolver={"nameservers": [first.address]},
+                    app=[
+                        {
+                            "name": "blog",
+                            "uids": [str(APP_UID)],
+                            "allow": [f"svc.example.test:{upstream.port}"],
+                        }
+                    ],
+                )
+                async with running_proxy(data, tmp_path) as proxy:
+                    data["log"]["connection_log"] = str(proxy.log_path)
+                    assert await connect_code(proxy, b"svc.example.test", upstream.port) == 0
+                    assert first.query_count("svc.example.test") > 0
+                    changed = copy.deepcopy(data)
+                    changed["resolver"]["nameservers"] = [second.address]
+                    changed["proxy"]["handshake_timeout"] = 1.5
+                    changed["log"]["level"] = "debug"
+                    moved = tmp_path / "moved.log"
+                    changed["log"]["connection_log"] = str(moved)
+                    assert await reload_with(proxy, changed)
+                    # The log's writer thread opens the new file; wait for it before this test
+                    # switches its effective uid (seteuid applies to every thread) to connect.
+                    connlog = proxy.runtime.connlog
+                    await eventually(lambda: connlog.target == str(moved), "log reopened")
+                    assert proxy.runtime.context.settings.handshake_timeout == 1.5
+                    assert logging.getLogger().getEffectiveLevel() == logging.DEBUG
+                    # A fresh resolver: the old cache is gone, the new server is asked.
+                    assert await connect_code(proxy, b"svc.example.test", upstream.port) == 0
+                    assert second.query_count("svc.example.test") > 0
+                    proxy.runtime.connlog.flush()
+                    await eventually(
+                        lambda: moved.exists() and moved.read_text().count("\n") >= 1,
+                        "a log line in the new connection_log",
+                    )
+                    assert proxy.runtime.config.log.connection_log == str(moved)
+
+    logging.getLogger().setLevel(logging.INFO)
+    try:
+        run(loop_kind, main())
+    finally:
+        logging.getLogger().setLevel(logging.WARNING)
+
+
+def test_listener_changes_need_a_restart_and_are_named(
+    loop_kind: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def main() -> None:
+        async with EchoUpstream() as upstream:
+            data = loopback(upstream.port)
+            async with running_proxy(data, tmp_path) as proxy:
+                data["log"]["connection_log"] = str(proxy.log_path)
+                before = proxy.runtime.config.proxy.socks5_listen
+                changed = copy.deepcopy(data)
+                changed["proxy"]["socks5_listen"] = ["127.0.0.1:0", "[::1]:0"]
+                changed["proxy"]["idle_timeout"] = 7.0
+                with caplog.at_level(logging.WARNING, logger="egress.runtime"):
+                    assert await reload_with(proxy, changed)
+                config = proxy.runtime.config
+                # The running config still describes the listeners that are bound ...
+                assert config.proxy.socks5_listen == before
+                # ... and what could be applied was.
+                assert config.proxy.idle_timeout == 7.0
+        (warning,) = [r for r in caplog.records if "restart" in r.getMessage()]
+        assert getattr(warning, "keys", "") == "proxy.socks5_listen"
+
+    run(loop_kind, main())
+
+
+def test_opening_a_special_range_recompiles_the_rules(loop_kind: str, tmp_path: Path) -> None:
+    async def main() -> None:
+        async with EchoUpstream() as upstream:
+            data = loopback(upstream.port, security={"allow_special": []})
+            async with running_proxy(data, tmp_path) as proxy:
+                data["log"]["connection_log"] = str(proxy.log_path)
+                assert await connect_code(proxy, "127.0.0.1", upstream.port) == 0x02
+                changed = copy.deepcopy(data)
+                changed["security"]["allow_special"] = ["127.0.0.0/8"]
+                assert await reload_with(proxy, changed)
+                assert await connect_code(proxy, "127.0.0.1", upstream.port) == 0
+                first, second = await proxy.wait_records(2)
+        assert first["reason"] == "special_address"
+        assert second["reason"] == "allowed"
+
+    run(loop_kind, main())
