@@ -68,7 +68,8 @@ def test_the_readme_replies_table_matches() -> None:
     section = text[text.index("### Replies") :]
     section = section[: section.index("\n\n", section.index("| ---"))]
     listed: dict[str, str] = {}
-    for line in section.splitlines()[2:]:
+    rows = [line for line in section.splitlines() if line.startswith("|")]
+    for line in rows[2:]:  # after the header and the separator
         cells = [c.strip() for c in line.strip("|").split("|")]
         for name in re.findall(r"`([a-z_]+)`", cells[0]):
             listed[name] = line
