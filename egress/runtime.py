@@ -43,6 +43,8 @@ __all__ = ["ProxyRuntime", "check_proxy_uid", "serve"]
 
 log = logging.getLogger("egress.runtime")
 
+_SWEEP_SECONDS: Final = 30.0
+
 # Keys a running proxy cannot change: they are bound sockets, or features chosen at start.
 _RESTART_KEYS: Final = {
     "proxy": (
@@ -211,6 +213,7 @@ class ProxyRuntime:
                 group.create_task(self.holder.run(), name="rules compile"),
                 group.create_task(self.holder.follow(self.source), name="rules follow"),
                 group.create_task(self._reload_loop(), name="config reload"),
+                group.create_task(self._sweep_loop(), name="resolver sweep"),
             ]
             await self._closing.wait()
             for task in tasks:
@@ -263,6 +266,12 @@ class ProxyRuntime:
         if self._owners is not None:
             self._owners.close()
             self._owners = None
+
+    async def _sweep_loop(self) -> None:
+        """Drop expired DNS answers while nobody resolves (resolving expires them too)."""
+        while True:
+            await asyncio.sleep(_SWEEP_SECONDS)
+            self.resolver.sweep()
 
     # --- reload ---------------------------------------------------------------------------------
     async def _reload_loop(self) -> None:

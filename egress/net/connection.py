@@ -261,12 +261,20 @@ class ClientConnection(asyncio.Protocol):
             )
         self.verdict = verdict
         self.app = None  # decided: from here on only the name is needed
+        del app  # (this frame lives through the dial)
         if not verdict.allowed:
             self.fail(verdict.outcome, verdict.detail, retry_after=verdict.retry_after)
             return
         started = time.perf_counter()
         try:
-            dialled = await ctx.dial(verdict.addresses, port, deadline=deadline)
+            async with asyncio.timeout_at(deadline):  # the dialer's promise, enforced here too
+                dialled = await ctx.dial(verdict.addresses, port, deadline=deadline)
+        except TimeoutError:
+            self.fail(
+                Outcome.CONNECT_TIMEOUT,
+                f"no connection within proxy.connect_timeout ({timeout:g} s)",
+            )
+            return
         except DialError as exc:
             self.fail(exc.outcome, exc.detail)
             return
@@ -351,9 +359,10 @@ class ClientConnection(asyncio.Protocol):
             self.transport.abort()
 
     def _tunnel_closed(self, tunnel: Tunnel) -> None:
-        self.ctx.metrics.tunnel_closed(
-            self.app_name or UNKNOWN_APP, tunnel.bytes_up, tunnel.bytes_down
-        )
+        if tunnel is self.tunnel:  # counted as opened (its construction completed)
+            self.ctx.metrics.tunnel_closed(
+                self.app_name or UNKNOWN_APP, tunnel.bytes_up, tunnel.bytes_down
+            )
         if self.outcome is None:
             self.outcome = Outcome.ALLOWED
             self.detail = tunnel.end_reason if tunnel.end_reason != "closed" else None

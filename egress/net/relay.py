@@ -46,13 +46,14 @@ class UpstreamSide(asyncio.Protocol):
     reading is paused until the tunnel starts, and anything that arrives anyway (uvloop does
     not always honour a pause made in ``connection_made``) is kept and delivered first."""
 
-    __slots__ = ("_early", "_pending_eof", "_pending_lost", "_tunnel", "transport")
+    __slots__ = ("_early", "_lost_exc", "_pending_eof", "_pending_lost", "_tunnel", "transport")
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self._tunnel: Tunnel | None = None
         self._pending_eof = False
         self._pending_lost = False
+        self._lost_exc: Exception | None = None
         self._early = bytearray()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -76,6 +77,7 @@ class UpstreamSide(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self._tunnel is None:
             self._pending_lost = True
+            self._lost_exc = exc
             return
         self._tunnel.on_upstream_lost(exc)
 
@@ -120,6 +122,7 @@ class Tunnel:
         "_client",
         "_client_eof",
         "_client_lost",
+        "_client_paused",
         "_filter",
         "_idle_timeout",
         "_idle_timer",
@@ -129,6 +132,7 @@ class Tunnel:
         "_upstream_early",
         "_upstream_eof",
         "_upstream_lost",
+        "_upstream_paused",
         "bytes_down",
         "bytes_up",
         "end_reason",
@@ -156,6 +160,9 @@ class Tunnel:
         self._upstream_eof = False
         self._client_lost = False
         self._upstream_lost = False
+        # reading paused because the other side's write buffer is full (backpressure)
+        self._client_paused = False
+        self._upstream_paused = False
         self._idle_timer: asyncio.TimerHandle | None = None
         self.bytes_up = 0
         self.bytes_down = 0
@@ -169,6 +176,8 @@ class Tunnel:
         upstream_side._early.clear()
         if upstream_side._pending_lost:
             self._upstream_lost = True
+            if upstream_side._lost_exc is not None:
+                self.end_reason = f"upstream: {_describe(upstream_side._lost_exc)}"
         elif upstream_side._pending_eof:
             self._upstream_eof = True
 
@@ -196,9 +205,9 @@ class Tunnel:
             self.on_upstream_eof()
         if client_eof and not self._client_eof:
             self.on_client_eof()
-        if not self._upstream.is_closing():
+        if not self._upstream.is_closing() and not self._upstream_paused:
             self._upstream.resume_reading()
-        if not self._client.is_closing():
+        if not self._client.is_closing() and not self._client_paused:
             self._client.resume_reading()
         self._idle_timer = self._loop.call_later(self._idle_timeout, self._check_idle)
 
@@ -284,18 +293,22 @@ class Tunnel:
 
     # backpressure
     def pause_client_reading(self) -> None:
+        self._client_paused = True
         if not self._client.is_closing():
             self._client.pause_reading()
 
     def resume_client_reading(self) -> None:
+        self._client_paused = False
         if not self._client.is_closing():
             self._client.resume_reading()
 
     def pause_upstream_reading(self) -> None:
+        self._upstream_paused = True
         if not self._upstream.is_closing():
             self._upstream.pause_reading()
 
     def resume_upstream_reading(self) -> None:
+        self._upstream_paused = False
         if not self._upstream.is_closing():
             self._upstream.resume_reading()
 
