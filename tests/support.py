@@ -1,24 +1,27 @@
-"""Test helpers: real sockets, real uids, an in-process proxy, network namespaces."""
+"""Test helpers: an in-process proxy, real sockets under real uids, protocol clients, upstreams.
+
+Network namespaces are in ``tests.netns``, real ``egress`` processes in ``tests.processes``,
+config files in ``tests.configs`` and waiting for a condition in ``tests.polling``.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
+import json
 import os
 import socket
 import struct
-import subprocess
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, cast
 
-import tomlkit
-
-from egress.config import Config, parse_config
 from egress.net.connection import ClientConnection, ListenerKind
 from egress.runtime import ProxyRuntime
+from tests.configs import make_config
+from tests.polling import eventually
+from tests.privilege import require
 
 # Test uids (CI runs as root; these need no /etc/passwd entry).
 APP_UID = 10001
@@ -60,41 +63,6 @@ def run(kind: str, coro: Coroutine[Any, Any, Any], *, timeout: float = 30.0) -> 
     return result
 
 
-def base_config(**sections: Any) -> dict[str, Any]:
-    """A minimal config dict with ephemeral listeners; tests add apps and settings."""
-    config: dict[str, Any] = {
-        "proxy": {
-            "socks5_listen": ["127.0.0.1:0"],
-            "http_listen": ["127.0.0.1:0"],
-            "handshake_timeout": 2.0,
-            "connect_timeout": 2.0,
-            "idle_timeout": 30.0,
-            "drain_timeout": 2.0,
-        },
-        "log": {"connection_log": "-"},
-        "app": [],
-    }
-    for key, value in sections.items():
-        if isinstance(value, dict) and isinstance(config.get(key), dict):
-            config[key].update(value)
-        else:
-            config[key] = value
-    return config
-
-
-def write_config(path: Path, data: dict[str, Any]) -> Path:
-    """Write ``data`` (the shape :func:`base_config` returns) as a TOML config file."""
-    path.write_text(tomlkit.dumps(data), encoding="utf-8")
-    return path
-
-
-def make_config(data: dict[str, Any], tmp_path: Path) -> Config:
-    """The config ``data`` describes, also written to ``tmp_path/test.toml`` (its source), so
-    a reload reads the same settings until a test writes new ones there."""
-    path = write_config(tmp_path / "test.toml", data)
-    return parse_config(data, source=str(path))
-
-
 class ProxyHandle:
     """An in-process proxy on the test's loop; ``log`` collects the connection log lines."""
 
@@ -114,23 +82,29 @@ class ProxyHandle:
         return [cast(ClientConnection, c) for c in self.runtime.registry.live()]
 
     def records(self) -> list[dict[str, Any]]:
-        import json
-
         self.runtime.connlog.flush()
-        if not self.log_path.exists():
-            return []
-        # The log's writer thread may be mid-batch: only complete lines count.
-        text = self.log_path.read_text()
-        complete = text[: text.rfind("\n") + 1]
-        return [json.loads(line) for line in complete.splitlines() if line]
+        return read_connection_log(self.log_path)
 
     async def wait_records(self, count: int, timeout: float = 5.0) -> list[dict[str, Any]]:
-        async with asyncio.timeout(timeout):
-            while True:
-                records = self.records()
-                if len(records) >= count:
-                    return records
-                await asyncio.sleep(0.01)
+        """The connection log once it holds at least ``count`` records (``count`` >= 1)."""
+
+        def enough() -> list[dict[str, Any]] | None:
+            records = self.records()
+            return records if len(records) >= count else None
+
+        return await eventually(
+            enough, f"{count} connection log records", timeout=timeout, detail=self.records
+        )
+
+
+def read_connection_log(path: Path) -> list[dict[str, Any]]:
+    """The records in a connection log file so far: complete lines only (the log's writer
+    thread may be mid-batch)."""
+    if not path.exists():
+        return []
+    text = path.read_text()
+    complete = text[: text.rfind("\n") + 1]
+    return [json.loads(line) for line in complete.splitlines() if line]
 
 
 @contextlib.asynccontextmanager
@@ -148,6 +122,7 @@ async def running_proxy(data: dict[str, Any], tmp_path: Path) -> AsyncIterator[P
 @contextlib.contextmanager
 def acting_as(uid: int) -> Iterator[None]:
     """Run a few syscalls with effective uid/gid ``uid`` (root only), then switch back."""
+    require("root", f"acting as uid {uid}")
     os.setegid(uid)
     os.seteuid(uid)
     try:
@@ -196,18 +171,6 @@ async def open_unix_as_uid(
         sock.connect(path)
     sock.setblocking(False)
     return await asyncio.open_unix_connection(sock=sock)
-
-
-async def eventually(
-    condition: Callable[[], bool], what: str, *, timeout: float = 5.0, every: float = 0.01
-) -> None:
-    """Wait until ``condition()`` holds (polled), or fail saying ``what`` did not happen."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not condition():
-        if loop.time() > deadline:
-            raise AssertionError(f"not within {timeout:g} s: {what}")
-        await asyncio.sleep(every)
 
 
 async def refused_at_accept(reader: asyncio.StreamReader) -> bool:
@@ -330,71 +293,3 @@ class EchoUpstream:
         assert self.server is not None
         self.server.close()
         await self.server.wait_closed()
-
-
-# --- network namespaces ---------------------------------------------------------------------
-_CLONE_NEWNET = 0x40000000
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _setns(fd: int) -> None:
-    if _libc.setns(fd, _CLONE_NEWNET) != 0:
-        errno = ctypes.get_errno()
-        raise OSError(errno, os.strerror(errno))
-
-
-@contextlib.contextmanager
-def network_namespace(*, extra_addresses: tuple[str, ...] = ()) -> Iterator[str]:
-    """Move this thread into a fresh network namespace whose only interface is loopback, with
-    ``extra_addresses`` (e.g. "169.254.169.254/32") added to it, so any address a test dials
-    is local to the namespace and nothing can leave the machine.
-
-    ``setns`` moves the calling thread only; sockets, threads and child processes created by
-    this thread inside the block live in the namespace. Enter it before starting the loop.
-    """
-    name = f"egress-test-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    original = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    try:
-        target = os.open(f"/run/netns/{name}", os.O_RDONLY)
-        try:
-            _setns(target)
-        finally:
-            os.close(target)
-        try:
-            subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
-            for address in extra_addresses:
-                command = ["ip", "addr", "add", address, "dev", "lo"]
-                subprocess.run([*command, "nodad"] if ":" in address else command, check=True)
-            yield name
-        finally:
-            _setns(original)
-    finally:
-        os.close(original)
-        subprocess.run(["ip", "netns", "del", name], check=False)
-
-
-def python_for_uid(uid: int) -> str:
-    """A Python interpreter ``uid`` may execute: the venv's may live under a private /root
-    (pyenv), in which case the system's python3 runs the stdlib-only child scripts."""
-    import shutil
-    import sys
-
-    candidates = [sys.executable, "/usr/bin/python3", shutil.which("python3")]
-    for exe in dict.fromkeys(c for c in candidates if c):
-        try:
-            probe = subprocess.run(
-                [exe, "-I", "-c", "pass"],
-                user=uid,
-                group=uid,
-                extra_groups=[],
-                cwd="/",
-                capture_output=True,
-                timeout=10,
-                check=False,
-            )
-        except PermissionError:
-            continue
-        if probe.returncode == 0:
-            return exe
-    raise AssertionError(f"no Python interpreter in {candidates} is executable by uid {uid}")

@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 
 from egress.net.connection import ListenerKind
+from tests.configs import base_config
+from tests.polling import eventually
 from tests.support import (
     APP_UID,
     OTHER_APP_UID,
     STRANGER_UID,
     EchoUpstream,
-    base_config,
-    eventually,
     http_connect,
     open_as_uid,
     refused_at_accept,
@@ -24,7 +24,7 @@ from tests.support import (
     socks5_connect,
 )
 
-pytestmark = pytest.mark.usefixtures("root")
+pytestmark = pytest.mark.root
 
 
 def config(port: int, **proxy: object) -> dict[str, object]:
@@ -203,7 +203,7 @@ def test_connection_limit_refuses_beyond_max(loop_kind: str, tmp_path: Path) -> 
             held = [
                 await open_as_uid(APP_UID, *proxy.address(ListenerKind.SOCKS5)) for _ in range(5)
             ]
-            await asyncio.sleep(0.05)
+            await eventually(lambda: len(proxy.connections()) == 5, "the proxy holds all five")
             reader, writer = await open_as_uid(APP_UID, *proxy.address(ListenerKind.SOCKS5))
             writer.write(b"\x05\x01\x00")
             assert await asyncio.wait_for(reader.read(), 2) == b""
@@ -235,15 +235,25 @@ def test_no_file_descriptor_leak_after_many_connections(loop_kind: str, tmp_path
 
             await asyncio.gather(*(one(i) for i in range(50)))
             await proxy.wait_records(50)
-            before = len(os.listdir("/proc/self/fd"))
+            before = open_fds()
             await asyncio.gather(*(one(i) for i in range(300)))
             await proxy.wait_records(350)
-            await asyncio.sleep(0.1)
-            after = len(os.listdir("/proc/self/fd"))
+            await eventually(lambda: proxy.connections() == [], "every connection closed")
+            # Transports close their sockets a loop turn or two after the connection ends.
+            await eventually(
+                lambda: open_fds() - before <= 2,
+                "the descriptors are back to where they were",
+                detail=lambda: (before, open_fds()),
+            )
+            after = open_fds()
             assert proxy.connections() == []
         assert after - before <= 2, (before, after)
 
     run(loop_kind, main())
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
 
 
 def test_client_that_hangs_up_is_client_closed_not_an_error(loop_kind: str, tmp_path: Path) -> None:

@@ -8,21 +8,22 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from egress.config import Config, FirewallBackend, parse_config
+from egress.config import Config, FirewallBackend
 from egress.firewall.backend import Backend
 from egress.firewall.backend_restore import RestoreBackend, tool_name
 from egress.firewall.detect import BackendRefusedError, choose_backend, host_iptables_mode
 from egress.firewall.plan import FirewallPlan, build_plan
 from egress.firewall.sync import flush, status, sync_once
-from tests.support import APP_UID, network_namespace, socket_as_uid
+from tests.configs import config_from
+from tests.netns import NetworkNamespace
+from tests.support import APP_UID, socket_as_uid
 
-pytestmark = [pytest.mark.root, pytest.mark.netns, pytest.mark.usefixtures("root")]
+pytestmark = pytest.mark.netns
 
 BACKENDS = ["legacy", "nft", "iptc"]
 
@@ -49,7 +50,7 @@ def config(apps: int = 3, **firewall: Any) -> Config:
         "firewall": {"sandbox_uids": ["10000-59999"], **firewall},
         "app": [{"name": f"app{i}", "uids": [str(APP_UID + i)], "allow": []} for i in range(apps)],
     }
-    return parse_config(data, source="test.toml")
+    return config_from(data)
 
 
 def iptables(name: str, *args: str, family: str = "ipv4") -> str:
@@ -75,16 +76,10 @@ def ours(lines: list[str]) -> list[str]:
     return [line for line in lines if line.split()[1].startswith("EGRESS-")]
 
 
-@pytest.fixture
-def netns() -> Iterator[str]:
-    with network_namespace() as name:
-        yield name
-
-
 @pytest.mark.parametrize("name", BACKENDS)
 @pytest.mark.parametrize("mode", ["explicit", "transparent"])
 def test_first_sync_installs_exactly_the_plan_second_changes_nothing(
-    netns: str, name: str, mode: str
+    netns: NetworkNamespace, name: str, mode: str
 ) -> None:
     backend = make_backend(name)
     plan = build_plan(config(mode=mode))
@@ -106,7 +101,7 @@ def test_first_sync_installs_exactly_the_plan_second_changes_nothing(
 
 
 @pytest.mark.parametrize("name", BACKENDS)
-def test_hand_edits_are_repaired_and_counted_as_drift(netns: str, name: str) -> None:
+def test_hand_edits_are_repaired_and_counted_as_drift(netns: NetworkNamespace, name: str) -> None:
     backend = make_backend(name)
     plan = build_plan(config())
     sync_once(backend, plan)
@@ -135,7 +130,7 @@ def test_hand_edits_are_repaired_and_counted_as_drift(netns: str, name: str) -> 
 
 @pytest.mark.parametrize("name", BACKENDS)
 def test_config_change_is_not_drift_and_foreign_rules_survive_sync_and_flush(
-    netns: str, name: str
+    netns: NetworkNamespace, name: str
 ) -> None:
     backend = make_backend(name)
     iptables(name, "-N", "FOREIGN")
@@ -164,7 +159,7 @@ def test_config_change_is_not_drift_and_foreign_rules_survive_sync_and_flush(
 
 
 @pytest.mark.parametrize("name", BACKENDS)
-def test_counters_per_app(netns: str, name: str) -> None:
+def test_counters_per_app(netns: NetworkNamespace, name: str) -> None:
     backend = make_backend(name)
     plan = build_plan(config())
     sync_once(backend, plan)
@@ -186,7 +181,7 @@ def test_counters_per_app(netns: str, name: str) -> None:
 
 
 @pytest.mark.parametrize("name", BACKENDS)
-def test_two_racing_instances_leave_exactly_the_plan(netns: str, name: str) -> None:
+def test_two_racing_instances_leave_exactly_the_plan(netns: NetworkNamespace, name: str) -> None:
     script = (
         "import sys\n"
         "from tests.integration.test_firewall_backends import config, make_backend\n"

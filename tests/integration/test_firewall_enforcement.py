@@ -21,18 +21,12 @@ Both backends run: ``iptables-restore`` (the nf_tables variant on this host) and
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import functools
 import json
 import os
 import re
-import select
-import signal
 import subprocess
 import sys
 import textwrap
-import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,11 +34,18 @@ from typing import Any
 
 import pytest
 
-from tests.support import python_for_uid
+from tests.configs import write_config
+from tests.netns import NetworkNamespace
+from tests.processes import (
+    EgressProcess,
+    python_for_uid,
+    run_egress,
+    start_proxy,
+    stop_process,
+    wait_ready,
+)
 
-pytestmark = [pytest.mark.usefixtures("root"), pytest.mark.root, pytest.mark.netns]
-
-REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.netns
 
 BACKENDS = ("iptables-restore", "iptc")
 
@@ -68,8 +69,6 @@ OUTSIDER_UID = 20001
 
 FOREIGN_COMMENT = "foreign rule: not egress"
 
-FIREWALL_CLI = (sys.executable, "-m", "egress.cli", "firewall")
-CLI_TIMEOUT_S = 30.0
 PROBE_TIMEOUT_S = 2.0  # per network attempt; refusals take milliseconds
 ANSWER_WAIT_S = 1.0  # UDP/ICMP: a blocked ICMPv6 echo is dropped silently, so this is waited
 FAST_S = 1.0  # "fails fast": well under any timeout
@@ -381,80 +380,17 @@ def describe(results: list[dict[str, Any]]) -> str:
     )
 
 
-# --- the namespace ----------------------------------------------------------------------------
-_CLONE_NEWNET = 0x40000000
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _setns(fd: int) -> None:
-    if _libc.setns(fd, _CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-
-
-class Netns:
-    """A named network namespace; ``run``/``popen`` start children inside it by moving only
-    the calling thread in for the fork (children inherit it), so the test process itself never
-    stays in it and nothing leaks between tests."""
-
-    def __init__(self) -> None:
-        self.name = f"egress-fw-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        subprocess.run(["ip", "netns", "add", self.name], check=True, timeout=10)
-        self._fd = os.open(f"/run/netns/{self.name}", os.O_RDONLY)
-
-    @contextlib.contextmanager
-    def entered(self) -> Iterator[None]:
-        original = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-        try:
-            _setns(self._fd)
-            try:
-                yield
-            finally:
-                _setns(original)
-        finally:
-            os.close(original)
-
-    def run(self, command: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
-        kwargs.setdefault("timeout", CLI_TIMEOUT_S)
-        kwargs.setdefault("capture_output", True)
-        kwargs.setdefault("text", True)
-        kwargs.setdefault("check", False)
-        with self.entered():
-            return subprocess.run(command, **kwargs)
-
-    def check(self, command: list[str], **kwargs: Any) -> str:
-        result = self.run(command, **kwargs)
-        assert result.returncode == 0, (
-            f"{command} exited {result.returncode}: {result.stderr}{result.stdout}"
-        )
-        return result.stdout
-
-    def popen(self, command: list[str], **kwargs: Any) -> subprocess.Popen[Any]:
-        with self.entered():
-            return subprocess.Popen(command, **kwargs)
-
-    def close(self) -> None:
-        os.close(self._fd)
-        subprocess.run(["ip", "netns", "del", self.name], check=False, timeout=10)
-
-
-@functools.cache
-def interpreter_for(uid: int) -> str:
-    return python_for_uid(uid)
-
-
 # --- the node under test ------------------------------------------------------------------------
 @dataclass
 class Node:
-    ns: Netns
+    ns: NetworkNamespace
     backend: str
     tmp: Path
     config: Path
     upstream_log: Path
     cli_env: dict[str, str] | None = None
-    processes: list[subprocess.Popen[Any]] = field(default_factory=list)
-    proxy: subprocess.Popen[Any] | None = None
-    proxy_stderr: Path | None = None
+    processes: list[subprocess.Popen[Any]] = field(default_factory=list)  # stopped by pid
+    proxy: EgressProcess | None = None
 
     # iptables variant matching the backend: iptc drives the legacy one; iptables-restore
     # (and auto) use the host default, nf_tables here.
@@ -467,22 +403,12 @@ class Node:
             "ipv6-save": f"ip6tables-{variant}-save",
         }
 
-    def firewall(self, action: str, *extra: str, config: Path | None = None) -> Any:
-        command = [
-            sys.executable,
-            "-m",
-            "egress.cli",
-            "firewall",
-            action,
-            "--config",
-            str(config or self.config),
-            *extra,
-        ]
-        return self.ns.run(command, cwd=REPO, env=self.cli_env)
+    def firewall(self, action: str, *extra: str) -> subprocess.CompletedProcess[str]:
+        command = ("firewall", action, "--config", str(self.config), *extra)
+        return run_egress(*command, netns=self.ns, env=self.cli_env)
 
     def sync(self) -> subprocess.CompletedProcess[str]:
-        result: subprocess.CompletedProcess[str] = self.firewall("sync", "--backend", self.backend)
-        return result
+        return self.firewall("sync", "--backend", self.backend)
 
     def probes(self, uid: int, probes: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Run ``probes`` in one child process under ``uid`` (0: root) inside the namespace."""
@@ -491,7 +417,7 @@ class Node:
             options = {"user": uid, "group": uid, "extra_groups": []}
         result = self.ns.run(
             [
-                interpreter_for(uid) if uid else sys.executable,
+                python_for_uid(uid) if uid else sys.executable,
                 "-I",
                 "-c",
                 PROBE_CODE,
@@ -535,47 +461,39 @@ class Node:
 
     def kill_proxy(self) -> None:
         assert self.proxy is not None
-        self.proxy.send_signal(signal.SIGKILL)
-        self.proxy.wait(timeout=10)
+        self.proxy.kill()
 
 
-def write_config(path: Path, backend: str, log: Path, mode: str = "explicit") -> None:
-    transparent = f'"[::]:{TRANSPARENT_PORT}"' if mode == "transparent" else None
-    transparent_line = f"transparent_listen = {transparent}" if transparent else ""
-    path.write_text(
-        textwrap.dedent(
-            f"""
-            [proxy]
-            socks5_listen = ["127.0.0.1:{SOCKS_PORT}"]
-            http_listen = ["127.0.0.1:{HTTP_PORT}"]
-            {transparent_line}
-            handshake_timeout = 2.0
-            connect_timeout = 2.0
-            drain_timeout = 1.0
-
-            [security]
-            allow_special = ["10.77.0.0/16", "fd77::/16"]
-
-            [firewall]
-            sandbox_uids = ["{SANDBOX_RANGE[0]}-{SANDBOX_RANGE[1]}"]
-            backend = "{backend}"
-            mode = "{mode}"
-
-            [log]
-            connection_log = "{log}"
-
-            [[app]]
-            name = "blog"
-            uids = ["{BLOG_UID}"]
-            allow = ["{UPSTREAM_V4}:{ECHO_PORT}", "[{UPSTREAM_V6}]:{ECHO_PORT}"]
-
-            [[app]]
-            name = "reports"
-            uids = ["{REPORTS_UID}"]
-            allow = ["{UPSTREAM_V4}:{ECHO_PORT}"]
-            """
-        )
-    )
+def node_config(backend: str, log: Path, mode: str = "explicit") -> dict[str, Any]:
+    proxy: dict[str, Any] = {
+        "socks5_listen": [f"127.0.0.1:{SOCKS_PORT}"],
+        "http_listen": [f"127.0.0.1:{HTTP_PORT}"],
+    }
+    if mode == "transparent":
+        proxy["transparent_listen"] = f"[::]:{TRANSPARENT_PORT}"
+    proxy.update(handshake_timeout=2.0, connect_timeout=2.0, drain_timeout=1.0)
+    return {
+        "proxy": proxy,
+        "security": {"allow_special": ["10.77.0.0/16", "fd77::/16"]},
+        "firewall": {
+            "sandbox_uids": [f"{SANDBOX_RANGE[0]}-{SANDBOX_RANGE[1]}"],
+            "backend": backend,
+            "mode": mode,
+        },
+        "log": {"connection_log": str(log)},
+        "app": [
+            {
+                "name": "blog",
+                "uids": [str(BLOG_UID)],
+                "allow": [f"{UPSTREAM_V4}:{ECHO_PORT}", f"[{UPSTREAM_V6}]:{ECHO_PORT}"],
+            },
+            {
+                "name": "reports",
+                "uids": [str(REPORTS_UID)],
+                "allow": [f"{UPSTREAM_V4}:{ECHO_PORT}"],
+            },
+        ],
+    }
 
 
 def iptables_variant_env(directory: Path, variant: str) -> dict[str, str]:
@@ -590,41 +508,12 @@ def iptables_variant_env(directory: Path, variant: str) -> dict[str, str]:
     return {**os.environ, "PATH": f"{directory}:{os.environ.get('PATH', '/usr/sbin:/usr/bin')}"}
 
 
-def _wait_ready(proc: subprocess.Popen[Any], what: str, timeout: float = 10.0) -> None:
-    """The child prints "ready" once its sockets are bound (milliseconds), or dies."""
-    assert proc.stdout is not None
-    readable, _, _ = select.select([proc.stdout], [], [], timeout)
-    line = proc.stdout.readline() if readable else "(nothing within the timeout)"
-    assert line.strip() == "ready", f"{what} did not start: {line!r}, exit {proc.poll()}"
-
-
-def _start_proxy(node: Node) -> None:
-    node.proxy_stderr = node.tmp / "proxy.stderr"
-    with open(node.proxy_stderr, "w") as stderr:
-        node.proxy = node.ns.popen(
-            [sys.executable, "-m", "egress.cli", "proxy", "--config", str(node.config)],
-            stdout=subprocess.DEVNULL,
-            stderr=stderr,
-            cwd=REPO,
-        )
-    node.processes.append(node.proxy)
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        text = node.proxy_stderr.read_text()
-        if '"proxy started"' in text:
-            return
-        if node.proxy.poll() is not None:
-            break
-        time.sleep(0.02)
-    raise AssertionError(f"proxy did not start (exit {node.proxy.poll()}): {text}")
-
-
 @contextlib.contextmanager
 def firewalled_node(tmp: Path, backend: str, mode: str = "explicit") -> Iterator[Node]:
     """A namespace with upstream, proxy and a foreign OUTPUT rule, then ``firewall sync``;
     everything started is killed by pid and the namespace (with every rule in it) deleted."""
     tmp.mkdir(parents=True, exist_ok=True)
-    ns = Netns()
+    ns = NetworkNamespace(addresses=(f"{UPSTREAM_V4}/32", f"{UPSTREAM_V6}/128"))
     node = Node(ns, backend, tmp, tmp / "egress.toml", tmp / "upstream.log")
     if backend == "iptc":
         # python-iptables writes the legacy tables, and the controller (rightly) refuses that on
@@ -632,13 +521,10 @@ def firewalled_node(tmp: Path, backend: str, mode: str = "explicit") -> Iterator
         # iptc runs see a legacy host: the controller's `iptables` is the legacy variant.
         node.cli_env = iptables_variant_env(tmp / "bin", "legacy")
     try:
-        ns.check(["ip", "link", "set", "lo", "up"])
-        ns.check(["ip", "addr", "add", f"{UPSTREAM_V4}/32", "dev", "lo"])
-        ns.check(["ip", "addr", "add", f"{UPSTREAM_V6}/128", "dev", "lo", "nodad"])
         # Let every group open ICMP datagram sockets, so a blocked ping is blocked by the
         # firewall and not by a permission check.
         ns.check(["sysctl", "-q", "-w", "net.ipv4.ping_group_range=0 2147483647"])
-        write_config(node.config, backend, tmp / "connections.log", mode)
+        write_config(node.config, node_config(backend, tmp / "connections.log", mode))
         node.upstream_log.touch()
         upstream = ns.popen(
             [
@@ -658,7 +544,7 @@ def firewalled_node(tmp: Path, backend: str, mode: str = "explicit") -> Iterator
             text=True,
         )
         node.processes.append(upstream)
-        _wait_ready(upstream, "upstream")
+        wait_ready(upstream, "upstream")
         # Someone else's rule in OUTPUT, there before egress: sync and flush must keep it.
         ns.check(
             [
@@ -681,7 +567,7 @@ def firewalled_node(tmp: Path, backend: str, mode: str = "explicit") -> Iterator
                 "tcp-reset",
             ]
         )
-        _start_proxy(node)
+        node.proxy = start_proxy(node.config, netns=ns)
         result = node.sync()
         assert result.returncode == 0, (
             f"`egress firewall sync --backend {backend}` exited {result.returncode}:\n"
@@ -690,11 +576,9 @@ def firewalled_node(tmp: Path, backend: str, mode: str = "explicit") -> Iterator
         yield node
     finally:
         for proc in node.processes:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait(timeout=10)
-            if proc.stdout is not None:
-                proc.stdout.close()
+            stop_process(proc)
+        if node.proxy is not None:
+            node.proxy.stop()
         ns.close()
 
 
@@ -703,8 +587,6 @@ def node(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Node]:
     """One firewalled node per backend, shared by the tests that only probe it."""
-    if os.geteuid() != 0:
-        pytest.fail("this test needs root (CI runs the suite as root); run it with sudo")
     tmp = tmp_path_factory.mktemp(f"fw-{request.param}")
     with firewalled_node(tmp, request.param) as made:
         yield made
@@ -862,7 +744,7 @@ def test_a_sandbox_app_squatting_the_dead_proxys_port_relays_nothing(fresh_node:
     node.kill_proxy()
     squatter = node.ns.popen(
         [
-            interpreter_for(REPORTS_UID),
+            python_for_uid(REPORTS_UID),
             "-I",
             "-c",
             textwrap.dedent(
@@ -888,7 +770,7 @@ def test_a_sandbox_app_squatting_the_dead_proxys_port_relays_nothing(fresh_node:
         text=True,
     )
     node.processes.append(squatter)
-    _wait_ready(squatter, "squatter")
+    wait_ready(squatter, "squatter")
     results = node.probes(BLOG_UID, [probe("tcp", host="127.0.0.1", port=SOCKS_PORT)])
     squatter.kill()
     squatter.wait(timeout=10)
@@ -957,13 +839,13 @@ def test_iptc_is_refused_on_an_nf_tables_host(tmp_path: Path) -> None:
     """On an nf_tables host, rules written to the legacy tables (all python-iptables can write)
     would filter while `iptables -L` hides them: sync must refuse, say what to use instead,
     and install nothing in either variant."""
-    ns = Netns()
-    try:
-        config = tmp_path / "egress.toml"
-        write_config(config, "iptc", tmp_path / "connections.log")
-        result = ns.run(
-            [*FIREWALL_CLI, "sync", "--config", str(config), "--backend", "iptc"],
-            cwd=REPO,
+    with NetworkNamespace() as ns:
+        config = write_config(
+            tmp_path / "egress.toml", node_config("iptc", tmp_path / "connections.log")
+        )
+        result = run_egress(
+            *("firewall", "sync", "--config", str(config), "--backend", "iptc"),
+            netns=ns,
             env=iptables_variant_env(tmp_path / "bin", "nft"),
         )
         assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
@@ -971,26 +853,18 @@ def test_iptc_is_refused_on_an_nf_tables_host(tmp_path: Path) -> None:
         saved = ns.check(["iptables-nft-save"]) + ns.check(["iptables-legacy-save"])
         saved += ns.check(["ip6tables-nft-save"]) + ns.check(["ip6tables-legacy-save"])
         assert "EGRESS" not in saved, saved
-    finally:
-        ns.close()
 
 
 def test_sync_with_a_bad_config_fails_and_installs_nothing(tmp_path: Path) -> None:
     """A config error is exit 2 naming the bad key, before anything reaches the kernel."""
-    ns = Netns()
-    try:
+    with NetworkNamespace() as ns:
         bad = tmp_path / "bad.toml"
         bad.write_text('[firewall]\nsandbox_uids = ["10000-10999"]\nbackend = "bogus"\n')
-        result = ns.run(
-            [*FIREWALL_CLI, "sync", "--config", str(bad)],
-            cwd=REPO,
-        )
+        result = run_egress("firewall", "sync", "--config", str(bad), netns=ns)
         assert result.returncode == 2, (result.returncode, result.stderr)
         assert "backend" in result.stderr
         saved = ns.check(["iptables-nft-save"]) + ns.check(["iptables-legacy-save"])
         assert "EGRESS" not in saved, saved
-    finally:
-        ns.close()
 
 
 def _strip(line: str) -> str:
@@ -1003,20 +877,6 @@ def transparent_node(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator
     """A node whose firewall runs in transparent mode ([::]:15001 serves both families)."""
     with firewalled_node(tmp_path / "node", request.param, mode="transparent") as made:
         yield made
-
-
-def connection_records(node: Node, count: int) -> list[dict[str, Any]]:
-    """The proxy's connection log (it flushes every half second)."""
-    path = node.tmp / "connections.log"
-    deadline = time.monotonic() + 5
-    records: list[dict[str, Any]] = []
-    while time.monotonic() < deadline:
-        if path.exists():
-            records = [json.loads(line) for line in path.read_text().splitlines() if line]
-            if len(records) >= count:
-                return records
-        time.sleep(0.05)
-    raise AssertionError(f"expected {count} connection log lines, got {records}")
 
 
 def test_transparent_mode_unmodified_curl_goes_through_the_proxy(transparent_node: Node) -> None:
@@ -1035,7 +895,8 @@ def test_transparent_mode_unmodified_curl_goes_through_the_proxy(transparent_nod
     assert (ok4["outcome"], ok6["outcome"]) == ("ok", "ok"), describe([ok4, ok6])
     assert denied["outcome"].startswith("curl-exit-"), describe([denied])
     assert socks["outcome"] == "ok", describe([socks])
-    records = connection_records(transparent_node, 4)
+    assert transparent_node.proxy is not None
+    records = transparent_node.proxy.wait_connection_records(4)
     transparent = {r["dest"]: r for r in records if r["listener"] == "transparent"}
     assert set(transparent) == {
         f"{UPSTREAM_V4}:{ECHO_PORT}",

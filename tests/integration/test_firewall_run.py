@@ -9,42 +9,40 @@ from __future__ import annotations
 import re
 import signal
 import subprocess
-import sys
-import textwrap
-import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from tests.support import APP_UID, OTHER_APP_UID, network_namespace, socket_as_uid
+from tests.configs import write_config
+from tests.netns import network_namespace
+from tests.processes import EgressProcess, start_firewall_controller
+from tests.support import APP_UID, OTHER_APP_UID, socket_as_uid
 
-pytestmark = pytest.mark.usefixtures("root")
+pytestmark = pytest.mark.netns
 
 METRICS_PORT = 19091
-REPO = Path(__file__).resolve().parents[2]
+SCRAPE_ERRORS = (OSError,)  # the metrics endpoint is not up yet
 
 
-def write_config(path: Path, *, apps: dict[str, int], extra: str = "") -> None:
-    tables = "".join(
-        f'\n[[app]]\nname = "{name}"\nuids = ["{uid}"]\nallow = ["10.77.0.1:80"]\n'
-        for name, uid in apps.items()
-    )
-    path.write_text(
-        textwrap.dedent(
-            f"""
-            [proxy]
-            socks5_listen = ["127.0.0.1:1080"]
-            [firewall]
-            sandbox_uids = ["10000-10999"]
-            interval = 0.3
-            metrics_listen = "127.0.0.1:{METRICS_PORT}"
-            """
-        )
-        + tables
-        + extra
-    )
+def controller_config(apps: dict[str, int], **last_app_extra: Any) -> dict[str, Any]:
+    """The controller's config: one app per ``apps`` entry (name: uid), each allowed
+    10.77.0.1:80; ``last_app_extra`` lands in the last app's table (e.g. a bogus key)."""
+    tables = [
+        {"name": name, "uids": [str(uid)], "allow": ["10.77.0.1:80"]} for name, uid in apps.items()
+    ]
+    tables[-1].update(last_app_extra)
+    return {
+        "proxy": {"socks5_listen": ["127.0.0.1:1080"]},
+        "firewall": {
+            "sandbox_uids": ["10000-10999"],
+            "interval": 0.3,
+            "metrics_listen": f"127.0.0.1:{METRICS_PORT}",
+        },
+        "app": tables,
+    }
 
 
 def metrics() -> str:
@@ -56,18 +54,6 @@ def metric(text: str, name: str, labels: str = "") -> float:
     pattern = re.escape(name + (f"{{{labels}}}" if labels else "")) + r" ([0-9.e+]+)"
     match = re.search(pattern, text)
     return float(match[1]) if match else 0.0
-
-
-def eventually(check: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if check():
-                return
-        except OSError:
-            pass  # the metrics endpoint is not up yet
-        time.sleep(0.05)
-    raise AssertionError(f"not within {timeout}s: {what}")
 
 
 def egress_lines() -> list[str]:
@@ -88,43 +74,36 @@ def assert_app_is_blocked() -> None:
 
 
 @pytest.fixture
-def controller(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], Path]]:
-    config = tmp_path / "egress.toml"
-    write_config(config, apps={"blog": APP_UID})
-    with network_namespace(extra_addresses=("10.77.0.1/32",)):
-        process = subprocess.Popen(
-            [sys.executable, "-m", "egress.cli", "firewall", "run", "--config", str(config)],
-            cwd=REPO,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
+def controller(tmp_path: Path) -> Iterator[tuple[EgressProcess, Path]]:
+    config = write_config(tmp_path / "egress.toml", controller_config({"blog": APP_UID}))
+    with (
+        network_namespace(addresses=("10.77.0.1/32",)),
+        start_firewall_controller(config) as process,
+    ):
+        process.wait_for(
+            lambda: metric(metrics(), "egress_firewall_sync_total", 'result="ok"') >= 1,
+            "first sync",
+            ignoring=SCRAPE_ERRORS,
         )
-        try:
-            eventually(lambda: metric(metrics(), "egress_firewall_sync_total", 'result="ok"') >= 1,
-                       "first sync")  # fmt: skip
-            yield process, config
-        finally:
-            if process.poll() is None:
-                process.kill()
-            process.wait(timeout=10)
-            assert process.stderr is not None
-            process.stderr.close()
+        yield process, config
 
 
 def test_run_repairs_drift_and_counts_it(
-    controller: tuple[subprocess.Popen[str], Path],
+    controller: tuple[EgressProcess, Path],
 ) -> None:
+    process, _ = controller
     installed = egress_lines()
     sandbox = [line for line in installed if line.startswith("-A EGRESS-SANDBOX ")]
     position, victim = next((n, line) for n, line in enumerate(sandbox, 1) if "app=blog" in line)
     subprocess.run(["iptables", "-D", "EGRESS-SANDBOX", str(position)], check=True)
     assert victim not in egress_lines()
-    eventually(lambda: victim in egress_lines(), "the deleted rule is put back")
+    process.wait_for(lambda: victim in egress_lines(), "the deleted rule is put back")
     # The pass records its metrics just after its commit lands: wait for them too.
     drift = 'family="ipv4",table="filter"'
-    eventually(
+    process.wait_for(
         lambda: metric(metrics(), "egress_firewall_drift_repairs_total", drift) >= 1,
         "the repair is counted as drift",
+        ignoring=SCRAPE_ERRORS,
     )
     text = metrics()
     assert metric(text, "egress_firewall_rules", 'family="ipv4",table="filter"') == len(installed)
@@ -133,35 +112,40 @@ def test_run_repairs_drift_and_counts_it(
 
 
 def test_run_follows_config_changes_and_keeps_the_last_good_plan(
-    controller: tuple[subprocess.Popen[str], Path],
+    controller: tuple[EgressProcess, Path],
 ) -> None:
-    _, config = controller
-    write_config(config, apps={"blog": APP_UID, "shop": OTHER_APP_UID})
-    eventually(lambda: any("app=shop" in line for line in egress_lines()), "new app installed")
+    process, config = controller
+    write_config(config, controller_config({"blog": APP_UID, "shop": OTHER_APP_UID}))
+    process.wait_for(
+        lambda: any("app=shop" in line for line in egress_lines()), "new app installed"
+    )
     before = metrics()
     assert (
         metric(before, "egress_firewall_drift_repairs_total", 'family="ipv4",table="filter"') == 0
     )
-    write_config(config, apps={"blog": APP_UID}, extra="\nbogus = 1\n")
-    eventually(
+    write_config(config, controller_config({"blog": APP_UID}, bogus=1))
+    process.wait_for(
         lambda: metric(metrics(), "egress_firewall_sync_total", 'result="config_error"') >= 1,
         "the bad config is counted",
+        ignoring=SCRAPE_ERRORS,
     )
     assert any("app=shop" in line for line in egress_lines()), "last good plan kept"
 
 
 def test_run_exports_blocked_packets_per_app(
-    controller: tuple[subprocess.Popen[str], Path],
+    controller: tuple[EgressProcess, Path],
 ) -> None:
+    process, _ = controller
     for _ in range(3):
         assert_app_is_blocked()
-    eventually(
+    process.wait_for(
         lambda: metric(metrics(), "egress_firewall_blocked_packets", 'app="blog"') >= 3,
         "blocked packets counted for blog",
+        ignoring=SCRAPE_ERRORS,
     )
 
 
-def test_sigterm_leaves_the_rules_in_place(controller: tuple[subprocess.Popen[str], Path]) -> None:
+def test_sigterm_leaves_the_rules_in_place(controller: tuple[EgressProcess, Path]) -> None:
     process, _ = controller
     installed = egress_lines()
     process.send_signal(signal.SIGTERM)

@@ -9,13 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import os
-import select
 import shutil
-import signal
 import socket
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,7 +25,8 @@ from egress.net.identity import (
     make_tcp_owner_lookup,
     peer_uid_unix,
 )
-from tests.support import python_for_uid
+from tests.polling import wait_until
+from tests.processes import python_for_uid, read_line, stop_process
 
 pytestmark = pytest.mark.root
 
@@ -54,15 +52,6 @@ for line in sys.stdin:
 """
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _require_root() -> None:
-    if os.geteuid() != 0:
-        pytest.fail(
-            "tests/integration/test_identity.py must run as root: it starts clients under "
-            f"uid {CHILD_UID} (CI runs as root; these tests are never skipped)"
-        )
-
-
 @pytest.fixture(scope="module")
 def child_python() -> str:
     """A Python interpreter that CHILD_UID may execute (the venv's may live under /root)."""
@@ -78,22 +67,7 @@ class Child:
         assert self.proc.stdin is not None
         self.proc.stdin.write(word.encode() + b"\n")
         self.proc.stdin.flush()
-        assert _read_line(self.proc) == "closed"
-
-
-def _read_line(proc: subprocess.Popen[bytes]) -> str:
-    assert proc.stdout is not None
-    fd, data, deadline = proc.stdout.fileno(), b"", time.monotonic() + STEP_TIMEOUT_S
-    while not data.endswith(b"\n"):
-        left = deadline - time.monotonic()
-        if left <= 0 or not select.select([fd], [], [], left)[0]:
-            pytest.fail(f"child {proc.pid} said nothing within {STEP_TIMEOUT_S} s")
-        chunk = os.read(fd, 256)
-        if not chunk:
-            stderr = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-            pytest.fail(f"child {proc.pid} exited ({proc.wait()}): {stderr}")
-        data += chunk
-    return data.decode().strip()
+        assert read_line(self.proc, "client", timeout=STEP_TIMEOUT_S) == "closed"
 
 
 @pytest.fixture
@@ -114,19 +88,14 @@ def spawn(child_python: str) -> Iterator[object]:
             bufsize=0,
         )
         procs.append(proc)
-        host_s, port_s = _read_line(proc).split()
+        host_s, port_s = read_line(proc, "client", timeout=STEP_TIMEOUT_S).split()
         return Child(proc, (host_s, int(port_s)))
 
     try:
         yield _spawn
     finally:
         for proc in procs:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=STEP_TIMEOUT_S)
-            for stream in (proc.stdin, proc.stdout, proc.stderr):
-                if stream is not None:
-                    stream.close()
+            stop_process(proc)
 
 
 @pytest.fixture
@@ -273,10 +242,12 @@ def test_time_wait_is_none_not_root(spawn, netlink, proc_net) -> None:
             assert conn.recv(1) == b""
             # Orphaned (no descriptor) but alive: the owner is still the creator.
             assert netlink.lookup(peer, local) in (CHILD_UID, None)
-        deadline = time.monotonic() + STEP_TIMEOUT_S
-        while _tcp_state("/proc/net/tcp", child.addr) != 6:  # TCP_TIME_WAIT
-            assert time.monotonic() < deadline, "client socket never reached TIME_WAIT"
-            time.sleep(0.001)
+        wait_until(
+            lambda: _tcp_state("/proc/net/tcp", child.addr) == 6,  # TCP_TIME_WAIT
+            "the client socket reaches TIME_WAIT",
+            timeout=STEP_TIMEOUT_S,
+            every=0.001,
+        )
         assert netlink.lookup(peer, local) is None
         assert proc_net.lookup(peer, local) is None
 

@@ -26,11 +26,11 @@ from egress.net.identity import (
     IdentityUnconfirmedError,
     make_tcp_owner_lookup,
 )
+from tests.configs import base_config
 from tests.support import (
     APP_UID,
     OTHER_APP_UID,
     EchoUpstream,
-    base_config,
     http_connect,
     run,
     running_proxy,
@@ -38,7 +38,7 @@ from tests.support import (
     socks5_connect,
 )
 
-pytestmark = [pytest.mark.root, pytest.mark.usefixtures("root")]
+pytestmark = pytest.mark.root
 
 ATTACKER_UID = APP_UID  # an app with no rules at all
 VICTIM_UID = OTHER_APP_UID  # an app allowed to reach the upstream

@@ -16,20 +16,20 @@ from pathlib import Path
 import pytest
 
 from egress.net.connection import ListenerKind
+from tests.configs import base_config
 from tests.dnsstub import DnsStub
+from tests.netns import network_namespace
 from tests.support import (
     APP_UID,
     OTHER_APP_UID,
     EchoUpstream,
-    base_config,
-    network_namespace,
     open_as_uid,
     run,
     running_proxy,
     socks5_connect,
 )
 
-pytestmark = [pytest.mark.root, pytest.mark.netns, pytest.mark.usefixtures("root")]
+pytestmark = pytest.mark.netns
 
 BIG_NAME = "big.noisy.test"
 # Public addresses: inside the test's network namespace nothing routes to them, so each dial

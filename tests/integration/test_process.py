@@ -16,9 +16,18 @@ from typing import Any
 
 import pytest
 
-from tests.support import APP_UID, STRANGER_UID, python_for_uid, socket_as_uid
+from tests.configs import write_config
+from tests.processes import (
+    EgressProcess,
+    python_for_uid,
+    run_egress,
+    start_proxy,
+    stop_process,
+    wait_ready,
+)
+from tests.support import APP_UID, STRANGER_UID, socket_as_uid
 
-pytestmark = pytest.mark.usefixtures("root")
+pytestmark = pytest.mark.root
 
 # A SOCKS5 client that a child process runs under a dropped uid; prints the reply code and what
 # the upstream echoed. Stdlib only, written from RFC 1928.
@@ -67,76 +76,24 @@ class Echo:
         self.proc = subprocess.Popen(
             [sys.executable, "-c", code], stdout=subprocess.PIPE, text=True
         )
-        assert self.proc.stdout is not None
-        assert self.proc.stdout.readline().strip() == "ready"
+        try:
+            wait_ready(self.proc, "echo server")
+        except BaseException:
+            self.stop()
+            raise
 
     def stop(self) -> None:
-        self.proc.kill()
-        self.proc.wait()
-        assert self.proc.stdout is not None
-        self.proc.stdout.close()
+        stop_process(self.proc)
 
 
-class ProxyProcess:
-    def __init__(self, config_path: Path) -> None:
-        self.config_path = config_path
-        self.stderr_path = config_path.with_suffix(".stderr")
-        self._stderr = open(self.stderr_path, "w")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "egress.cli", "proxy", "--config", str(config_path)],
-            stderr=self._stderr,
-            stdout=subprocess.DEVNULL,
-        )
-        self.started = self.wait_log(lambda e: e.get("msg") == "proxy started")
-
-    def logs(self) -> list[dict[str, Any]]:
-        entries = []
-        for line in self.stderr_path.read_text().splitlines():
-            try:
-                entries.append(json.loads(line))
-            except json.JSONDecodeError:
-                entries.append({"raw": line})
-        return entries
-
-    def wait_log(self, predicate: Any, timeout: float = 10.0) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for entry in self.logs():
-                if predicate(entry):
-                    return entry
-            if self.proc.poll() is not None:
-                raise AssertionError(f"proxy exited {self.proc.returncode}: {self.logs()}")
-            time.sleep(0.02)
-        raise AssertionError(f"log line not seen; got {self.logs()}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
-        self._stderr.close()
-
-
-def write_config(path: Path, socks_port: int, admin_port: int, allow: list[str], log: Path) -> None:
-    allow_text = ", ".join(json.dumps(rule) for rule in allow)
-    path.write_text(
-        textwrap.dedent(
-            f"""
-            [proxy]
-            socks5_listen = ["127.0.0.1:{socks_port}"]
-            drain_timeout = 1.0
-            [security]
-            allow_special = ["127.0.0.0/8"]
-            [admin]
-            listen = "127.0.0.1:{admin_port}"
-            [log]
-            connection_log = "{log}"
-            [[app]]
-            name = "blog"
-            uids = ["{APP_UID}"]
-            allow = [{allow_text}]
-            """
-        )
-    )
+def proxy_config(socks_port: int, admin_port: int, allow: list[str], log: Path) -> dict[str, Any]:
+    return {
+        "proxy": {"socks5_listen": [f"127.0.0.1:{socks_port}"], "drain_timeout": 1.0},
+        "security": {"allow_special": ["127.0.0.0/8"]},
+        "admin": {"listen": f"127.0.0.1:{admin_port}"},
+        "log": {"connection_log": str(log)},
+        "app": [{"name": "blog", "uids": [str(APP_UID)], "allow": allow}],
+    }
 
 
 @pytest.fixture
@@ -145,12 +102,12 @@ def setup(tmp_path: Path) -> Iterator[dict[str, Any]]:
     ports = {"socks": free_port(), "admin": free_port()}
     config = tmp_path / "egress.toml"
     log = tmp_path / "conn.log"
-    write_config(config, ports["socks"], ports["admin"], [f"127.0.0.1:{echo.port}"], log)
-    proxy = ProxyProcess(config)
+    allow = [f"127.0.0.1:{echo.port}"]
     try:
-        yield {"echo": echo, "proxy": proxy, "config": config, "log": log, **ports}
+        write_config(config, proxy_config(ports["socks"], ports["admin"], allow, log))
+        with start_proxy(config) as proxy:
+            yield {"echo": echo, "proxy": proxy, "config": config, "log": log, **ports}
     finally:
-        proxy.stop()
         echo.stop()
 
 
@@ -188,20 +145,24 @@ def test_real_uid_child_processes_are_identified_by_the_kernel(setup: dict[str, 
 
 
 def test_sighup_reloads_rules_and_keeps_them_on_a_bad_file(setup: dict[str, Any]) -> None:
-    proxy: ProxyProcess = setup["proxy"]
+    proxy: EgressProcess = setup["proxy"]
     echo: Echo = setup["echo"]
+    ports = setup["socks"], setup["admin"]
     # Reload to rules that no longer allow the echo port.
-    write_config(setup["config"], setup["socks"], setup["admin"], ["127.0.0.1:1"], setup["log"])
-    proxy.proc.send_signal(signal.SIGHUP)
-    proxy.wait_log(lambda e: e.get("msg") == "rules installed" and e.get("version") == 2)
+    write_config(setup["config"], proxy_config(*ports, ["127.0.0.1:1"], setup["log"]))
+    proxy.send_signal(signal.SIGHUP)
+    proxy.wait_log(
+        lambda e: e.get("msg") == "rules installed" and e.get("version") == 2, "rules version 2"
+    )
     assert child_connect(APP_UID, setup["socks"], echo.port)[0] == 2
     # A broken file keeps the last good rules and says why.
-    write_config(
-        setup["config"], setup["socks"], setup["admin"], [f"127.0.0.1:{echo.port}"], setup["log"]
+    broken = proxy_config(*ports, [f"127.0.0.1:{echo.port}"], setup["log"])
+    broken["app"][0]["bogus_key"] = 1
+    write_config(setup["config"], broken)
+    proxy.send_signal(signal.SIGHUP)
+    rejected = proxy.wait_log(
+        lambda e: e.get("msg", "").startswith("reload rejected"), "reload rejected"
     )
-    setup["config"].write_text(setup["config"].read_text() + "\nbogus_key = 1\n")
-    proxy.proc.send_signal(signal.SIGHUP)
-    rejected = proxy.wait_log(lambda e: e.get("msg", "").startswith("reload rejected"))
     assert "bogus_key" in rejected["problems"]
     assert child_connect(APP_UID, setup["socks"], echo.port)[0] == 2
     metrics = scrape(setup["admin"])
@@ -225,32 +186,32 @@ def open_tunnel(socks_port: int, dest_port: int) -> socket.socket:
 
 
 def test_sigterm_stops_accepting_and_drains_open_tunnels(setup: dict[str, Any]) -> None:
-    proxy: ProxyProcess = setup["proxy"]
+    proxy: EgressProcess = setup["proxy"]
     tunnel = open_tunnel(setup["socks"], setup["echo"].port)
-    proxy.proc.send_signal(signal.SIGTERM)
-    proxy.wait_log(lambda e: e.get("msg") == "draining")
+    proxy.send_signal(signal.SIGTERM)
+    proxy.wait_log(lambda e: e.get("msg") == "draining", "draining")
     # New connections are refused while the open tunnel still relays.
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", setup["socks"]), timeout=2).close()
     tunnel.sendall(b"still here")
     assert tunnel.recv(100) == b"still here"
     tunnel.close()
-    assert proxy.proc.wait(timeout=5) == 0
+    assert proxy.wait(timeout=5) == 0
     assert any(e.get("msg") == "proxy stopped" for e in proxy.logs())
 
 
 def test_sigterm_cuts_tunnels_after_the_drain_timeout(setup: dict[str, Any]) -> None:
-    proxy: ProxyProcess = setup["proxy"]
+    proxy: EgressProcess = setup["proxy"]
     # The echo server answers one read and then closes; sending nothing keeps this tunnel open.
     tunnel = open_tunnel(setup["socks"], setup["echo"].port)
     started = time.monotonic()
-    proxy.proc.send_signal(signal.SIGTERM)
-    assert proxy.proc.wait(timeout=10) == 0
+    proxy.send_signal(signal.SIGTERM)
+    assert proxy.wait(timeout=10) == 0
     elapsed = time.monotonic() - started
     assert 0.8 < elapsed < 5, elapsed  # drain_timeout = 1.0
     assert tunnel.recv(100) == b""
     tunnel.close()
-    records = [json.loads(line) for line in setup["log"].read_text().splitlines()]
+    records = proxy.connection_records()
     assert records[-1]["error"] == "drain_timeout"
 
 
@@ -260,23 +221,12 @@ def test_check_config_reports_every_problem(tmp_path: Path) -> None:
         '[proxy]\nsocks_listen = ["127.0.0.1:1080"]\n'
         '[[app]]\nname = "x"\nuids = ["0"]\nallow = ["127.1:80"]\n'
     )
-    result = subprocess.run(
-        [sys.executable, "-m", "egress.cli", "check-config", str(bad)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    result = run_egress("check-config", str(bad))
     assert result.returncode == 2
     assert "socks5_listen" in result.stderr
     assert "app[0].allow[0]" in result.stderr
     assert str(bad) in result.stderr
-    good = subprocess.run(
-        [sys.executable, "-m", "egress.cli", "check-config", "config.example.toml"],
-        capture_output=True,
-        text=True,
-        check=False,
-        cwd=Path(__file__).parents[2],
-    )
+    good = run_egress("check-config", "config.example.toml")
     assert good.returncode == 0, good.stderr
     assert "api.example.com:443" in good.stdout
 
@@ -288,14 +238,10 @@ def test_a_failed_start_is_one_json_error_line_and_exit_2(tmp_path: Path) -> Non
         taken.listen()
         port = taken.getsockname()[1]
         config = tmp_path / "egress.toml"
-        write_config(config, port, free_port(), ["127.0.0.1:1"], tmp_path / "conn.log")
-        result = subprocess.run(
-            [sys.executable, "-m", "egress.cli", "proxy", "--config", str(config)],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
+        write_config(
+            config, proxy_config(port, free_port(), ["127.0.0.1:1"], tmp_path / "conn.log")
         )
+        result = run_egress("proxy", "--config", str(config))
     assert result.returncode == 2
     lines = [json.loads(line) for line in result.stderr.splitlines()]  # all JSON
     (error,) = [e for e in lines if e["level"] == "error"]
@@ -307,13 +253,7 @@ def test_a_failed_start_is_one_json_error_line_and_exit_2(tmp_path: Path) -> Non
 def test_a_bad_config_at_start_is_one_json_error_line_with_every_problem(tmp_path: Path) -> None:
     config = tmp_path / "egress.toml"
     config.write_text('[proxy]\nsocks_listen = ["127.0.0.1:1080"]\n[log]\nlevel = "loud"\n')
-    result = subprocess.run(
-        [sys.executable, "-m", "egress.cli", "proxy", "--config", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    result = run_egress("proxy", "--config", str(config))
     assert result.returncode == 2
     (error,) = [json.loads(line) for line in result.stderr.splitlines()]
     assert error["msg"] == "cannot start: bad config"
@@ -344,12 +284,7 @@ def test_check_config_takes_config_and_warns_about_what_cannot_work(tmp_path: Pa
         'allow = ["203.0.113.0/24:443", "api.example.com:443"]\n'
         "limits = { burst = 5 }\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-m", "egress.cli", "check-config", "--config", str(config)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    result = run_egress("check-config", "--config", str(config))
     assert result.returncode == 0, result.stderr
     warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: ")]
     assert len(warnings) == 3, result.stderr
@@ -357,12 +292,6 @@ def test_check_config_takes_config_and_warns_about_what_cannot_work(tmp_path: Pa
     assert "20001 is not (all) inside firewall.sandbox_uids" in warnings[1]
     assert "limits: accepted but not enforced yet" in warnings[2]
     assert "the config is valid (exit 0)" in result.stderr
-    clean = subprocess.run(
-        [sys.executable, "-m", "egress.cli", "check-config", "--config", "config.example.toml"],
-        capture_output=True,
-        text=True,
-        check=False,
-        cwd=Path(__file__).parents[2],
-    )
+    clean = run_egress("check-config", "--config", "config.example.toml")
     assert clean.returncode == 0
     assert "warning" not in clean.stderr

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import shutil
 import socket
 import subprocess
@@ -20,15 +21,17 @@ from typing import Any
 import pytest
 
 from egress.net.connection import ListenerKind
+from egress.net.relay import WRITE_HIGH_WATER
+from tests.configs import base_config
 from tests.dnsstub import DnsStub
+from tests.netns import network_namespace
+from tests.polling import eventually
 from tests.support import (
     APP_UID,
     OTHER_APP_UID,
     STRANGER_UID,
     EchoUpstream,
-    base_config,
     http_connect,
-    network_namespace,
     open_as_uid,
     open_unix_as_uid,
     refused_at_accept,
@@ -37,7 +40,7 @@ from tests.support import (
     socks5_connect,
 )
 
-pytestmark = pytest.mark.usefixtures("root")
+pytestmark = pytest.mark.root
 
 
 def app(name: str, uid: int, allow: list[str], **extra: Any) -> dict[str, Any]:
@@ -335,6 +338,7 @@ def test_odd_ipv4_spellings_never_reach_dns_or_a_socket(
     run(loop_kind, main())
 
 
+@pytest.mark.netns
 def test_name_with_special_and_allowed_addresses_dials_only_the_allowed(
     loop_kind: str, tmp_path: Path
 ) -> None:
@@ -372,10 +376,11 @@ def test_name_with_special_and_allowed_addresses_dials_only_the_allowed(
         assert code == 0x05
         assert records[1]["reason"] == "connect_refused"
 
-    with network_namespace(extra_addresses=("10.20.30.40/32",)):
+    with network_namespace(addresses=("10.20.30.40/32",)):
         run(loop_kind, main())
 
 
+@pytest.mark.netns
 def test_name_resolving_only_to_metadata_address_is_denied(loop_kind: str, tmp_path: Path) -> None:
     async def main() -> None:
         with DnsStub({"metadata.example.test": ["169.254.169.254"]}) as dns:
@@ -395,10 +400,11 @@ def test_name_resolving_only_to_metadata_address_is_denied(loop_kind: str, tmp_p
                 assert trap.accepted == 0
         assert [r["reason"] for r in records] == ["special_address", "special_address"]
 
-    with network_namespace(extra_addresses=("169.254.169.254/32",)):
+    with network_namespace(addresses=("169.254.169.254/32",)):
         run(loop_kind, main())
 
 
+@pytest.mark.netns
 def test_allow_special_opens_a_private_range_for_a_rule(loop_kind: str, tmp_path: Path) -> None:
     async def main() -> None:
         async with EchoUpstream("10.8.0.5") as internal:
@@ -417,10 +423,11 @@ def test_allow_special_opens_a_private_range_for_a_rule(loop_kind: str, tmp_path
                 await close(writer)
             assert internal.accepted == 1
 
-    with network_namespace(extra_addresses=("10.8.0.5/32",)):
+    with network_namespace(addresses=("10.8.0.5/32",)):
         run(loop_kind, main())
 
 
+@pytest.mark.netns
 def test_dns_rebinding_dials_only_what_was_checked(loop_kind: str, tmp_path: Path) -> None:
     """First answer 127.0.0.1 (opened), second answer 169.254.169.254: the second connection is
     denied and nothing ever reaches the metadata address."""
@@ -442,7 +449,12 @@ def test_dns_rebinding_dials_only_what_was_checked(loop_kind: str, tmp_path: Pat
                         == 0
                     )
                     await close(writer)
-                    await asyncio.sleep(0.01)  # let the 1 ms TTL lapse
+                    resolver = proxy.runtime.resolver
+                    loopback = ipaddress.ip_address("127.0.0.1")
+                    await eventually(
+                        lambda: "rebind.example.test" not in resolver.cached_names_for(loopback),
+                        "the first answer's 1 ms TTL lapses",
+                    )
                     reader, writer = await open_as_uid(APP_UID, *proxy.address(ListenerKind.SOCKS5))
                     assert (
                         await socks5_connect(reader, writer, b"rebind.example.test", upstream.port)
@@ -453,7 +465,7 @@ def test_dns_rebinding_dials_only_what_was_checked(loop_kind: str, tmp_path: Pat
                 assert trap.accepted == 0
         assert [r["reason"] for r in records] == ["allowed", "special_address"]
 
-    with network_namespace(extra_addresses=("169.254.169.254/32",)):
+    with network_namespace(addresses=("169.254.169.254/32",)):
         run(loop_kind, main())
 
 
@@ -702,6 +714,7 @@ def test_proxy_credentials_are_an_extra_factor(loop_kind: str, tmp_path: Path) -
 PUBLIC_IN_NETNS = "93.184.216.34"  # a public address, put on the test namespace's loopback
 
 
+@pytest.mark.netns
 def test_report_mode_allows_and_reports_but_keeps_special_ranges_closed(
     loop_kind: str, tmp_path: Path
 ) -> None:
@@ -729,7 +742,7 @@ def test_report_mode_allows_and_reports_but_keeps_special_ranges_closed(
         assert (second["decision"], second["reason"]) == ("denied", "special_address")
         assert (third["decision"], third["reason"]) == ("denied", "special_address")
 
-    with network_namespace(extra_addresses=(f"{PUBLIC_IN_NETNS}/32",)):
+    with network_namespace(addresses=(f"{PUBLIC_IN_NETNS}/32",)):
         run(loop_kind, main())
 
 
@@ -821,6 +834,7 @@ def test_plain_http_forwarding_malformed_response_is_a_502(loop_kind: str, tmp_p
     run(loop_kind, main())
 
 
+@pytest.mark.netns
 def test_connect_timeout_reply(loop_kind: str, tmp_path: Path) -> None:
     """10.66.0.1 exists in the namespace but drops every SYN: the dial times out."""
 
@@ -842,7 +856,7 @@ def test_connect_timeout_reply(loop_kind: str, tmp_path: Path) -> None:
         assert "error=connection_timeout" in headers["proxy-status"]
         assert {r["reason"] for r in records} == {"connect_timeout"}
 
-    with network_namespace(extra_addresses=("10.66.0.1/32",)):
+    with network_namespace(addresses=("10.66.0.1/32",)):
         subprocess.run(["iptables", "-A", "OUTPUT", "-d", "10.66.0.1", "-j", "DROP"], check=True)
         run(loop_kind, main())
 
@@ -924,7 +938,29 @@ def test_a_stalled_upstream_bounds_what_the_proxy_buffers(loop_kind: str, tmp_pa
                         sent += len(chunk)
 
                 pusher = asyncio.create_task(push())
-                await asyncio.sleep(1.0)
+                client_high_water = writer.transport.get_write_buffer_limits()[1]
+
+                def upstream_buffered() -> int:
+                    connections = proxy.connections()
+                    dialled = connections[0].dialled if connections else None
+                    transport = dialled.upstream.transport if dialled else None
+                    return transport.get_write_buffer_size() if transport else 0
+
+                def stalled() -> bool:
+                    # Both ends full: the proxy holds a high-water mark for the upstream and
+                    # stopped reading, so the pusher's own buffer fills and its drain() waits.
+                    assert not pusher.done(), f"pushed all {sent} bytes: nothing held it back"
+                    return (
+                        upstream_buffered() >= WRITE_HIGH_WATER
+                        and writer.transport.get_write_buffer_size() > client_high_water
+                    )
+
+                await eventually(
+                    stalled,
+                    "the upstream write buffer reaches the high-water mark and the pusher stalls",
+                    timeout=10.0,
+                    detail=lambda: {"upstream buffered": upstream_buffered(), "sent": sent},
+                )
                 (connection,) = proxy.connections()
                 assert connection.dialled is not None and connection.dialled.upstream.transport
                 buffered = connection.dialled.upstream.transport.get_write_buffer_size()
@@ -936,7 +972,7 @@ def test_a_stalled_upstream_bounds_what_the_proxy_buffers(loop_kind: str, tmp_pa
         finally:
             server.close()
             await server.wait_closed()
-        assert buffered <= 2 * 1024 * 1024, buffered
+        assert WRITE_HIGH_WATER <= buffered <= 2 * 1024 * 1024, buffered
         assert sent < 32 * 1024 * 1024, sent  # kernel buffers + bounded proxy buffer, not 64 MiB
 
     run(loop_kind, main())

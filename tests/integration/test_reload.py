@@ -14,21 +14,20 @@ from typing import Any
 import pytest
 
 from egress.net.connection import ListenerKind
+from tests.configs import base_config, write_config
 from tests.dnsstub import DnsStub
+from tests.polling import eventually
 from tests.support import (
     APP_UID,
     EchoUpstream,
     ProxyHandle,
-    base_config,
-    eventually,
     open_as_uid,
     run,
     running_proxy,
     socks5_connect,
-    write_config,
 )
 
-pytestmark = [pytest.mark.root, pytest.mark.usefixtures("root")]
+pytestmark = pytest.mark.root
 
 
 def loopback(port: int, **sections: Any) -> dict[str, Any]:

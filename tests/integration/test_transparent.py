@@ -8,39 +8,32 @@ tests the listener alone; the firewall controller's own transparent plan has its
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from egress.net.connection import ListenerKind
+from tests.configs import base_config
 from tests.dnsstub import DnsStub
+from tests.netns import network_namespace
+from tests.processes import python_for_uid
 from tests.support import (
     APP_UID,
     OTHER_APP_UID,
     EchoUpstream,
-    base_config,
-    network_namespace,
     open_as_uid,
-    python_for_uid,
     run,
     running_proxy,
     socks5_connect,
 )
 
-pytestmark = pytest.mark.usefixtures("root")
+pytestmark = pytest.mark.netns
 
 UPSTREAM_V4 = "10.77.0.1"
 UPSTREAM_V6 = "fd77::1"
-
-
-@contextlib.contextmanager
-def namespace() -> Iterator[None]:
-    with network_namespace(extra_addresses=(f"{UPSTREAM_V4}/32", f"{UPSTREAM_V6}/128")):
-        yield
+INTERNET = (f"{UPSTREAM_V4}/32", f"{UPSTREAM_V6}/128")  # on the namespace's loopback
 
 
 def redirect(port: int, *, family: int = 4, uids: str = f"{APP_UID}-{OTHER_APP_UID}") -> None:
@@ -101,7 +94,7 @@ def test_redirected_connection_is_checked_and_relayed(loop_kind: str, tmp_path: 
         assert denied["reason"] == "not_allowed"
         assert (stranger["uid"], stranger["reason"]) == (OTHER_APP_UID, "unknown_client")
 
-    with namespace():
+    with network_namespace(addresses=INTERNET):
         run(loop_kind, main())
 
 
@@ -116,7 +109,7 @@ def test_ipv6_redirect(loop_kind: str, tmp_path: Path) -> None:
         assert record["dialed"] == f"[{UPSTREAM_V6}]:{upstream.port}"
         assert record["uid"] == APP_UID
 
-    with namespace():
+    with network_namespace(addresses=INTERNET):
         run(loop_kind, main())
 
 
@@ -154,7 +147,7 @@ def test_name_rules_match_only_through_the_proxys_own_resolution(
         (matched,) = (r for r in transparent if r["reason"] == "allowed")
         assert matched["rule"] == f"svc.example.test:{upstream.port}"
 
-    with namespace():
+    with network_namespace(addresses=INTERNET):
         run(loop_kind, main())
 
 
@@ -168,7 +161,7 @@ def test_direct_connection_to_the_transparent_port_is_refused(
             (record,) = await proxy.wait_records(1)
         assert record["reason"] == "bad_request"
 
-    with namespace():
+    with network_namespace(addresses=INTERNET):
         run(loop_kind, main())
 
 
@@ -224,5 +217,5 @@ def test_unmodified_curl_under_a_sandbox_uid(loop_kind: str, tmp_path: Path) -> 
         assert {r["uid"] for r in records} == {APP_UID}
 
     assert python_for_uid(APP_UID)  # the uid can run programs at all (sanity for CI images)
-    with namespace():
+    with network_namespace(addresses=INTERNET):
         run(loop_kind, main())

@@ -1,6 +1,7 @@
 """Connection log: ordering, back-pressure on full pipes, logrotate reopen, errors and close.
 
-Real files, FIFOs, pipes and /dev/full; conditions are polled with a deadline, never slept on.
+Real files, FIFOs, pipes and /dev/full; conditions are polled with a deadline (tests.polling),
+never slept on.
 """
 
 from __future__ import annotations
@@ -15,33 +16,20 @@ import select
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from egress.connlog import ConnectionLog, ConnectionLogStatistics, untrusted
+from tests.polling import eventually, wait_until
 
 PAD = "x" * 500  # ~560-byte lines: several MB is ~10k emits
 
 
 def record(phase: int, seq: int) -> dict[str, Any]:
     return {"phase": phase, "seq": seq, "pad": PAD}
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met before the deadline")
-        time.sleep(0.002)
-
-
-async def async_wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not condition():  # noqa: ASYNC110 - the condition changes on the writer thread
-            await asyncio.sleep(0.002)
 
 
 def contents(path: Path) -> bytes:
@@ -201,7 +189,7 @@ def test_without_a_loop_emit_hands_the_line_over_at_once(tmp_path: Path) -> None
     log = ConnectionLog(str(path))
     try:
         log.emit({"seq": 1})
-        wait_for(lambda: contents(path) == b'{"seq":1}\n')
+        wait_until(lambda: contents(path) == b'{"seq":1}\n', "the line is in the file")
     finally:
         log.close()
 
@@ -215,7 +203,9 @@ def test_on_a_loop_the_timer_flushes(tmp_path: Path) -> None:
         log.emit({"seq": 2})
         await asyncio.sleep(0)
         assert path.read_bytes() == b""  # buffered until the timer
-        await async_wait_for(lambda: contents(path) == b'{"seq":1}\n{"seq":2}\n', 3.0)
+        await eventually(
+            lambda: contents(path) == b'{"seq":1}\n{"seq":2}\n', "the timer flushed", timeout=3.0
+        )
 
     try:
         asyncio.run(scenario())
@@ -253,16 +243,20 @@ def test_a_full_pipe_never_stalls_the_loop_and_drops_are_counted(kind: str, tmp_
                 async def heartbeat() -> None:
                     while running:
                         ticks.append(time.monotonic())
-                        await asyncio.sleep(0.005)
+                        await asyncio.sleep(0.005)  # the beat: gaps between ticks are measured
 
                 beat = asyncio.create_task(heartbeat())
-                await asyncio.sleep(0.02)
+                await eventually(lambda: len(ticks) >= 3, "the heartbeat is ticking")
                 for seq in range(phase1):
                     log.emit(record(1, seq))
                     if seq % 100 == 0:
                         await asyncio.sleep(0)
                 log.flush()
-                await asyncio.sleep(0.02)
+                # The writer is stuck on the full pipe now; the loop must keep beating.
+                flushed_at = len(ticks)
+                await eventually(
+                    lambda: len(ticks) >= flushed_at + 3, "the heartbeat beats on after the flush"
+                )
                 running = False
                 await beat
                 ticks.append(time.monotonic())
@@ -270,11 +264,11 @@ def test_a_full_pipe_never_stalls_the_loop_and_drops_are_counted(kind: str, tmp_
                 stalled = log.statistics()
 
                 reader.start()
-                await async_wait_for(lambda: log.statistics().bytes_pending == 0)
+                await eventually(lambda: log.statistics().bytes_pending == 0, "the log drained")
                 for seq in range(phase2):
                     log.emit(record(2, seq))
                 log.flush()
-                await async_wait_for(lambda: log.statistics().bytes_pending == 0)
+                await eventually(lambda: log.statistics().bytes_pending == 0, "the log drained")
                 return max_gap, stalled
 
             max_gap, stalled = asyncio.run(scenario())
@@ -307,7 +301,7 @@ def test_close_gives_up_on_a_pipe_nobody_reads(tmp_path: Path) -> None:
         log = ConnectionLog(target, on_dropped=drops)
         for seq in range(1000):  # ~560 KB: far more than the pipe holds
             log.emit(record(1, seq))
-        wait_for(lambda: log.statistics().lines_written > 0)
+        wait_until(lambda: log.statistics().lines_written > 0, "a line written")
         started = time.monotonic()
         log.close(timeout=0.2)
         elapsed = time.monotonic() - started
@@ -355,7 +349,7 @@ def test_reopen_to_another_path_and_the_old_fd_is_closed(tmp_path: Path) -> None
     log.emit({"seq": 1})
     assert log.reopen(str(second)) is True
     log.emit({"seq": 2})
-    wait_for(lambda: contents(second) == b'{"seq":2}\n')
+    wait_until(lambda: contents(second) == b'{"seq":2}\n', "the line in the new file")
     assert fds_open_on(first) == []
     assert log.target == str(second)
     log.close()
@@ -396,7 +390,7 @@ def test_write_errors_are_counted_and_the_writer_keeps_going(tmp_path: Path) -> 
     try:
         for seq in range(3):  # no loop: three batches of one line
             log.emit({"seq": seq})
-        wait_for(lambda: log.statistics().write_errors == 3)
+        wait_until(lambda: log.statistics().write_errors == 3, "three write errors")
         assert drops.calls == []  # never called from the writer thread
         log.flush()
         assert drops.calls == [3]
@@ -405,7 +399,7 @@ def test_write_errors_are_counted_and_the_writer_keeps_going(tmp_path: Path) -> 
         good = tmp_path / "conn.log"
         assert log.reopen(str(good)) is True
         log.emit({"seq": 3})
-        wait_for(lambda: contents(good) == b'{"seq":3}\n')
+        wait_until(lambda: contents(good) == b'{"seq":3}\n', "the line in the good file")
     finally:
         log.close()
     assert log.statistics() == ConnectionLogStatistics(
@@ -425,7 +419,7 @@ def test_a_write_cut_short_does_not_tear_the_next_line(tmp_path: Path) -> None:
     try:
         for seq in range(110):  # no loop: one batch per line
             log.emit(record(1, seq))
-        wait_for(lambda: log.statistics().bytes_pending == 0)
+        wait_until(lambda: log.statistics().bytes_pending == 0, "nothing pending")
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
     log.emit(record(2, 0))
@@ -446,7 +440,7 @@ def test_drops_on_a_loop_are_reported_by_the_timer(tmp_path: Path) -> None:
         for seq in range(5):
             log.emit({"seq": seq, "pad": PAD})  # none fits
         assert drops.calls == []
-        await async_wait_for(lambda: drops.calls == [5], 3.0)
+        await eventually(lambda: drops.calls == [5], "the drops reported", timeout=3.0)
 
     try:
         asyncio.run(scenario())
@@ -463,13 +457,13 @@ def test_a_reader_that_goes_away_is_a_counted_error(tmp_path: Path) -> None:
     log = ConnectionLog(str(fifo), on_dropped=drops)
     try:
         log.emit({"seq": 1})
-        wait_for(lambda: log.statistics().lines_written == 1)
+        wait_until(lambda: log.statistics().lines_written == 1, "the line written")
         assert os.read(read_fd, 100) == b'{"seq":1}\n'
         os.close(read_fd)
         log.emit({"seq": 2})  # EPIPE
-        wait_for(lambda: log.statistics().write_errors == 1)
+        wait_until(lambda: log.statistics().write_errors == 1, "the EPIPE counted")
         log.emit({"seq": 3})
-        wait_for(lambda: log.statistics().write_errors == 2)
+        wait_until(lambda: log.statistics().write_errors == 2, "the second error counted")
     finally:
         log.close()
     assert drops.total == 2

@@ -30,6 +30,7 @@ from egress.resolver import (
     parse_nameserver,
 )
 from tests.dnsstub import DnsStub
+from tests.polling import eventually
 
 T = TypeVar("T")
 Run = Callable[[Coroutine[Any, Any, T]], T]
@@ -369,7 +370,7 @@ def test_cancelling_one_waiter_keeps_the_lookup_for_others(
         async with open_resolver(dns, clock=clock) as resolver:
             first = asyncio.create_task(resolver.resolve("slow.test"))
             second = asyncio.create_task(resolver.resolve("slow.test"))
-            await asyncio.sleep(0.05)
+            await eventually(lambda: dns.query_count("slow.test", "A") == 1, "the query is out")
             assert resolver.statistics().lookups_in_flight == 1
             first.cancel()
             with pytest.raises(asyncio.CancelledError):
@@ -389,7 +390,7 @@ def test_aclose_fails_waiters_and_later_calls(
     async def main() -> None:
         resolver = Resolver(nameservers=[dns.address], clock=clock)
         waiter = asyncio.create_task(resolver.resolve("slow.test"))
-        await asyncio.sleep(0.05)
+        await eventually(lambda: dns.query_count("slow.test", "A") == 1, "the query is out")
         await resolver.aclose()
         with pytest.raises(ResolveError) as info:
             await waiter

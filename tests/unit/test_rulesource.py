@@ -56,10 +56,26 @@ def running(holder: SnapshotHolder, body: Callable[[], Awaitable[T]]) -> T:
 def test_file_source_versions_only_real_changes() -> None:
     source = FileRuleSource(ruleset(2, version=0))
     assert source.latest.version == 1
-    assert not source.publish(ruleset(2, version=0))  # the same apps
-    assert source.latest.version == 1
-    assert source.publish(ruleset(2, port=8443, version=0))
-    assert source.latest.version == 2
+    assert source.prepare(ruleset(2, version=0)) is None  # the same apps
+    changed = source.prepare(ruleset(2, port=8443, version=0))
+    assert changed is not None and changed.version == 2
+    source.publish(changed)
+    assert source.latest is changed
+    with pytest.raises(ValueError, match="not newer"):
+        source.publish(changed)
+
+
+def test_full_collections_are_deferred_while_rules_load() -> None:
+    import gc
+
+    from egress.gcpolicy import full_collections_deferred
+
+    before = gc.get_threshold()
+    with full_collections_deferred():
+        with full_collections_deferred():
+            assert gc.get_threshold()[2] > 10**9
+        assert gc.get_threshold()[2] > 10**9
+    assert gc.get_threshold() == before
 
 
 def test_an_offered_set_is_compiled_and_swapped_in() -> None:
@@ -174,3 +190,25 @@ def test_a_big_compile_yields_to_the_event_loop() -> None:
     assert holder.current.version == 2
     # The compile took many slices; the heartbeat ran between them.
     assert ticks_during[0] >= 5, ticks_during
+
+
+def test_a_published_version_can_be_awaited_through_follow() -> None:
+    first = ruleset(1)
+    source = FileRuleSource(first)
+    metrics = ProxyMetrics()
+    holder = SnapshotHolder(PolicySnapshot.build(source.latest, NONE), metrics)
+
+    async def body() -> int:
+        follow = asyncio.get_running_loop().create_task(holder.follow(source))
+        try:
+            prepared = source.prepare(ruleset(4))
+            assert prepared is not None
+            source.publish(prepared)
+            await holder.wait_for_version(prepared.version)
+            return holder.current.version
+        finally:
+            follow.cancel()
+            await asyncio.gather(follow, return_exceptions=True)
+
+    assert running(holder, body) == 2
+    assert len(holder.current.apps) == 4
