@@ -18,6 +18,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Protocol
 
+from egress.gcpolicy import freeze_long_lived, full_collections_deferred
 from egress.metrics import ProxyMetrics
 from rules.apps import RuleSet
 from rules.snapshot import PolicySnapshot, SnapshotBuilder
@@ -30,6 +31,7 @@ log = logging.getLogger("egress.rules")
 COMPILE_SLICE_SECONDS = 0.002
 """How long one compile step may hold the event loop before it yields."""
 _APPS_PER_STEP = 16
+_RETIRED_PER_STEP = 256  # old apps freed per loop turn after a swap
 
 
 class RuleSource(Protocol):
@@ -46,20 +48,27 @@ class FileRuleSource:
     """
 
     def __init__(self, initial: RuleSet) -> None:
-        self._latest = RuleSet(initial.apps, max(initial.version, 1), initial.source)
+        self._latest = initial.with_version(max(initial.version, 1))
         self._changed = asyncio.Event()
 
     @property
     def latest(self) -> RuleSet:
         return self._latest
 
-    def publish(self, rule_set: RuleSet) -> bool:
-        """Offer a freshly read rule set; True when it is a new version."""
+    def prepare(self, rule_set: RuleSet) -> RuleSet | None:
+        """The next version for a freshly read rule set, or ``None`` when its apps are the
+        current ones. Pure, and costly for big sets (it compares every app): the runtime calls
+        it in the thread that read the file, then :meth:`publish`-es the result on the loop."""
         if rule_set.apps == self._latest.apps:
-            return False
-        self._latest = RuleSet(rule_set.apps, self._latest.version + 1, rule_set.source)
+            return None
+        return rule_set.with_version(self._latest.version + 1)
+
+    def publish(self, prepared: RuleSet) -> None:
+        """Make a rule set from :meth:`prepare` the latest (on the event loop)."""
+        if prepared.version <= self._latest.version:
+            raise ValueError(f"version {prepared.version} is not newer than {self._latest.version}")
+        self._latest = prepared
         self._changed.set()
-        return True
 
     async def updates(self) -> AsyncIterator[RuleSet]:
         yield self._latest
@@ -87,6 +96,8 @@ class SnapshotHolder:
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
+        self._attempted = first.version  # newest version installed or rejected so far
+        self._settled = asyncio.Condition()
         metrics.rules_installed(first.version, 0.0)
 
     def set_exceptions(self, exceptions: SpecialExceptions) -> None:
@@ -109,6 +120,12 @@ class SnapshotHolder:
         """Until everything offered so far is installed (or rejected)."""
         await self._idle.wait()
 
+    async def wait_for_version(self, version: int) -> None:
+        """Until ``version`` (or a newer one) has been installed or rejected: the version a
+        source published may reach the holder a loop turn later, through :meth:`follow`."""
+        async with self._settled:
+            await self._settled.wait_for(lambda: self._attempted >= version)
+
     async def follow(self, source: RuleSource) -> None:
         """Feed every update of ``source`` to the holder (a task of the runtime's group)."""
         async for rule_set in source.updates():
@@ -122,7 +139,12 @@ class SnapshotHolder:
             self._wake.clear()
             rule_set, self._pending_rules = self._pending_rules, None
             if rule_set is not None:
-                await self._install(rule_set, self._exceptions)
+                try:
+                    await self._install(rule_set, self._exceptions)
+                finally:
+                    self._attempted = max(self._attempted, rule_set.version)
+                    async with self._settled:
+                        self._settled.notify_all()
             if self._pending_rules is None:
                 self._idle.set()
 
@@ -136,17 +158,26 @@ class SnapshotHolder:
             self._metrics.rules_update(ok=False)
             return
         started = time.perf_counter()
-        try:
-            snapshot = await self._compile(rule_set, exceptions)
-        except Exception as exc:  # any failure keeps the last good snapshot
-            log.error(
-                "rules update failed, keeping the previous rules",
-                extra={"version": rule_set.version, "error": repr(exc)[:300]},
-            )
-            self._metrics.rules_update(ok=False)
-            return
-        self.current = snapshot
-        seconds = time.perf_counter() - started
+        with full_collections_deferred():
+            try:
+                snapshot = await self._compile(rule_set, exceptions)
+            except Exception as exc:  # any failure keeps the last good snapshot
+                log.error(
+                    "rules update failed, keeping the previous rules",
+                    extra={"version": rule_set.version, "error": repr(exc)[:300]},
+                )
+                self._metrics.rules_update(ok=False)
+                return
+            # Freeing the old snapshot at once would stall the loop (about 10 µs per app):
+            # hold its apps here and let them go a few at a time.
+            retiring = [*current.apps.values(), *current.ruleset.apps]
+            self.current = snapshot
+            del current
+            seconds = time.perf_counter() - started
+            while retiring:
+                del retiring[-_RETIRED_PER_STEP:]
+                await asyncio.sleep(0)
+            freeze_long_lived()
         self._metrics.rules_update(ok=True)
         self._metrics.rules_installed(snapshot.version, seconds)
         log.info(

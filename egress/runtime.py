@@ -18,6 +18,7 @@ import logging
 import os
 import signal
 import time
+from pathlib import Path
 from typing import Any, Final
 
 from aiohttp import web
@@ -28,6 +29,7 @@ from egress.config import Config, ResolverConfig, load_config
 from egress.connlog import ConnectionLog
 from egress.context import ConnectionContext, ProxySettings
 from egress.errors import ConfigError, EgressError
+from egress.gcpolicy import freeze_long_lived, full_collections_deferred
 from egress.metrics import ProxyMetrics
 from egress.net.connection import HttpConnection, ListenerKind, Socks5Connection
 from egress.net.dialer import dial
@@ -37,6 +39,7 @@ from egress.net.transparent import TransparentConnection
 from egress.resolver import Resolver
 from egress.rulesource import FileRuleSource, SnapshotHolder
 from egress.server import ListenerError, Listeners
+from rules.apps import RuleSet
 from rules.snapshot import PolicySnapshot
 
 __all__ = ["ProxyRuntime", "check_proxy_uid", "serve"]
@@ -169,6 +172,7 @@ class ProxyRuntime:
             await self._release_resources()
             raise
         self.metrics.last_reload_success.set(time.time())
+        freeze_long_lived()  # the config and the first snapshot stay for a long time
         self._background = asyncio.get_running_loop().create_task(
             self._run_background(), name="egress background"
         )
@@ -284,21 +288,31 @@ class ProxyRuntime:
         """Re-read the config file (off the event loop) and apply it; a bad file changes
         nothing. Also reopens the connection log file (the logrotate convention)."""
         self.connlog.reopen()
-        try:
-            new = await asyncio.to_thread(load_config, self.config.source)
-        except ConfigError as exc:
-            self.metrics.reload(ok=False)
-            log.error(
-                "reload rejected, keeping the previous config",
-                extra={"problems": str(exc)},
-            )
-            return False
-        self.apply(new)
-        await self.holder.wait_idle()
+        with full_collections_deferred():
+            try:
+                new, rules = await asyncio.to_thread(self._read, self.config.source)
+            except ConfigError as exc:
+                self.metrics.reload(ok=False)
+                log.error(
+                    "reload rejected, keeping the previous config",
+                    extra={"problems": str(exc)},
+                )
+                return False
+            self.apply(new, rules)
+            if rules is not None:
+                await self.holder.wait_for_version(rules.version)
+            await self.holder.wait_idle()
         return True
 
-    def apply(self, new: Config) -> None:
-        """Apply a checked config to the running proxy."""
+    def _read(self, path: Path) -> tuple[Config, RuleSet | None]:
+        """Off the event loop: read and check the file, and version its rules if they changed
+        (comparing 10,000 apps is work the loop should not do)."""
+        new = load_config(path)
+        return new, self.source.prepare(new.ruleset)
+
+    def apply(self, new: Config, rules: RuleSet | None = None) -> None:
+        """Apply a checked config to the running proxy; ``rules`` is its rule set as
+        :meth:`FileRuleSource.prepare` versioned it (``None``: unchanged)."""
         old = self.config
         pending = restart_needed(old, new)
         if pending:
@@ -317,7 +331,8 @@ class ProxyRuntime:
         if new.log.connection_log != old.log.connection_log:
             self.connlog.reopen(new.log.connection_log)
         self.holder.set_exceptions(new.security.special_exceptions)
-        self.source.publish(new.ruleset)
+        if rules is not None:
+            self.source.publish(rules)
         self.config = _in_force(old, new)
         self.metrics.reload(ok=True)
         log.info(

@@ -16,6 +16,7 @@ Nothing here does I/O or knows about rate limiting; :mod:`egress.policy` joins t
 from __future__ import annotations
 
 import bisect
+import functools
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -169,7 +170,7 @@ class App:
                 check(f"allow[{index}]", rule, _rule_object)
         mode: object = self.mode
         if not isinstance(mode, Mode):
-            check("mode", mode, choice(Mode))
+            check("mode", mode, _MODE)
         if problems:
             raise InvalidRuleSetError(problems)
 
@@ -240,6 +241,18 @@ class RuleSet:
     def __len__(self) -> int:
         return len(self.apps)
 
+    def with_version(self, version: int) -> RuleSet:
+        """The same apps under another version, without checking them again (they were)."""
+        if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+            raise InvalidRuleSetError(
+                [Problem(self.source, "version", value_repr(version), "an integer >= 0")]
+            )
+        copy = object.__new__(RuleSet)
+        for name in ("apps", "source", "_single_uids", "_range_firsts", "_ranges"):
+            object.__setattr__(copy, name, getattr(self, name))
+        object.__setattr__(copy, "version", version)
+        return copy
+
     @classmethod
     def from_data(cls, data: Mapping[str, Any], *, version: int, source: str) -> RuleSet:
         """Read ``{"app": [{...}, ...]}`` (parsed TOML or JSON); raise ``InvalidRuleSetError``
@@ -300,7 +313,7 @@ def _read_app(t: Table) -> tuple[App | None, _Draft]:
     limits_table = t.table("limits", name=f"{t.path}.limits")
     auth_table = t.table("proxy_auth", name=f"{t.path}.proxy_auth")
     allow = t.items("allow", _rule, (), expected="a list of rule strings")
-    mode = t.value("mode", choice(Mode), Mode.ENFORCE)
+    mode = t.value("mode", _MODE, Mode.ENFORCE)
     limits = _read_limits(limits_table) if limits_table.present else None
     proxy_auth = _read_proxy_auth(auth_table) if auth_table.present else None
     draft = _Draft(t.path, name, uids)
@@ -407,11 +420,15 @@ def sandboxed_uids(raw: Any) -> UidRange:
     return uids
 
 
+# Rules are immutable values, and a reload re-reads mostly the same strings: parse each once.
+_parse_rule = functools.lru_cache(maxsize=1 << 16)(parse_rule)
+
+
 def _rule(raw: Any) -> Rule:
     if not isinstance(raw, str):
         raise RejectedError('a rule string such as "api.example.com:443"')
     try:
-        return parse_rule(raw)
+        return _parse_rule(raw)
     except RuleSyntaxError as error:
         raise RejectedError(str(error)) from None
 
@@ -435,6 +452,7 @@ def _username(raw: Any) -> str:
     return raw
 
 
+_MODE: Final = choice(Mode)
 _POSITIVE: Final = integer(1)
 _LIMIT_FIELDS: Final = {
     "connections_per_second": positive_number("a number > 0"),
