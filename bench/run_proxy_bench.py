@@ -9,6 +9,11 @@ The proxy under test is pinned to CPU 1; the C load generator (bench/loadgen.c) 
 upstream (bench/upstream.c) are pinned to CPU 0.  The load generator runs as a non-root uid
 for every target (egress takes identity from the socket owner and root cannot be an app).
 Every process this script starts is stopped by pid in a ``finally``.
+
+``--egress-at REV`` (or naming ``egress@REV`` in ``--only``) adds a target ``egress@SHORT`` that
+runs the egress code of git revision REV, from a detached git worktree under
+``bench/.build/egress-SHA`` (created once, then reused), with the project's own venv python and
+the worktree as the working directory, so ``python -m egress.cli`` imports the worktree's code.
 """
 
 from __future__ import annotations
@@ -52,6 +57,8 @@ MIB = 1 << 20
 FD_RESERVE = 64
 
 PROXIES = ("tinyproxy", "pproxy", "egress")
+EGRESS_AT = "egress@"  # prefix of the targets that run an older revision of egress
+VENV_PYTHON = REPO_DIR / ".venv" / "bin" / "python"
 # Handshakes each target speaks in the connection-rate test.
 PROTOCOLS: dict[str, tuple[str, ...]] = {
     "direct": ("none",),
@@ -81,6 +88,22 @@ class Options:
     profile: bool
     results_path: Path
     soak_seconds: float = 60.0
+    egress_revs: tuple[str, ...] = ()  # as given on the command line
+    # egress@SHORT target name -> the git worktree holding that revision (set by main)
+    egress_trees: tuple[tuple[str, str], ...] = ()
+
+    def code_dir(self, name: str) -> Path:
+        """Where a target's egress code lives: the repository, or its revision's worktree."""
+        return Path(dict(self.egress_trees)[name]) if name.startswith(EGRESS_AT) else REPO_DIR
+
+
+def kind_of(name: str) -> str:
+    """``egress@REV`` targets are egress in every respect but the code they run."""
+    return "egress" if name.startswith(EGRESS_AT) else name
+
+
+def protocols(name: str) -> tuple[str, ...]:
+    return PROTOCOLS[kind_of(name)]
 
 
 @dataclasses.dataclass
@@ -340,15 +363,98 @@ def tail(path: Path, lines: int = 15) -> str:
         return ""
 
 
-def egress_supports_loop_flag(python: str) -> bool:
+def egress_supports_loop_flag(python: str, cwd: Path = REPO_DIR) -> bool:
     res = subprocess.run(
         [python, "-m", "egress.cli", "proxy", "--help"],
         capture_output=True,
         text=True,
-        cwd=REPO_DIR,
+        cwd=cwd,
         timeout=30,
     )
     return "--loop" in res.stdout
+
+
+# --------------------------------------------------------------------------- older revisions
+
+
+def git(*args: str, cwd: Path = REPO_DIR) -> str:
+    res = subprocess.run(
+        ["git", *args], cwd=cwd, capture_output=True, text=True, timeout=120, check=False
+    )
+    if res.returncode != 0:
+        raise BenchError(f"git {' '.join(args)}: {res.stderr.strip()[:500]}")
+    return res.stdout.strip()
+
+
+def resolve_rev(rev: str) -> tuple[str, str]:
+    """(full sha, target name ``egress@SHORT``) of a git revision of this repository."""
+    sha = git("rev-parse", "--verify", "--end-of-options", f"{rev}^{{commit}}")
+    return sha, EGRESS_AT + git("rev-parse", "--short", sha)
+
+
+# Run from a worktree: which egress is imported, and does any project module come from
+# elsewhere (the venv's editable install puts the main checkout on sys.path, after the cwd)?
+_CODE_CHECK = """import importlib, json, os, sys
+import egress, egress.cli
+for extra in ("egress.runtime", "egress.server"):
+    try:
+        importlib.import_module(extra)
+    except ImportError:
+        pass
+here, repo, venv = os.getcwd() + os.sep, sys.argv[1] + os.sep, sys.prefix + os.sep
+files = {n: getattr(m, "__file__", None) for n, m in list(sys.modules.items())}
+files = {n: os.path.abspath(f) for n, f in files.items() if f}
+stray = sorted(
+    f"{n}: {f}" for n, f in files.items()
+    if f.startswith(repo) and not f.startswith(here) and not f.startswith(venv)
+)
+print(json.dumps({"egress_file": egress.__file__, "stray": stray}))
+"""
+
+
+def ensure_worktree(sha: str) -> Path:
+    """A detached worktree of ``sha`` under bench/.build/egress-SHA, created once, reused."""
+    path = BUILD_DIR / f"egress-{sha[:12]}"
+    if path.exists():
+        try:
+            head = git("rev-parse", "HEAD", cwd=path)
+        except BenchError as exc:
+            raise BenchError(f"{path} exists but is not a usable git worktree: {exc}") from exc
+        if head != sha:
+            raise BenchError(f"{path} is at {head[:12]}, not {sha[:12]}; remove it or reset it")
+        return path
+    BUILD_DIR.mkdir(exist_ok=True)
+    log(f"git worktree add --detach {path} {sha[:12]}")
+    git("worktree", "add", "--detach", str(path), sha)
+    return path
+
+
+def prepare_egress_revs(opts: Options) -> tuple[Options, dict[str, Any]]:
+    """Resolve each requested revision, make its worktree, check what it imports."""
+    trees: dict[str, str] = {}
+    meta: dict[str, Any] = {}
+    for rev in opts.egress_revs:
+        sha, name = resolve_rev(rev)
+        if name in trees:
+            continue
+        tree = ensure_worktree(sha)
+        res = subprocess.run(
+            [str(VENV_PYTHON), "-c", _CODE_CHECK, str(REPO_DIR)],
+            cwd=tree,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        if res.returncode != 0:
+            raise BenchError(f"{name}: importing egress failed: {res.stderr.strip()[-800:]}")
+        check = json.loads(res.stdout.strip().splitlines()[-1])
+        if check["stray"]:
+            raise BenchError(f"{name}: modules imported from outside {tree}: {check['stray']}")
+        log(f"{name}: {sha} in {tree}; egress.__file__ = {check['egress_file']}")
+        trees[name] = str(tree)
+        meta[name] = {"rev": rev, "sha": sha, "worktree": str(tree), **check}
+    return dataclasses.replace(opts, egress_trees=tuple(trees.items())), meta
 
 
 def egress_config(
@@ -430,24 +536,24 @@ def start_proxy(
             f"http+socks5://{HOST}:{http_port}",
         ]
         socks_port = http_port  # pproxy sniffs the protocol on one listener
-    elif name == "egress":
-        python = str(REPO_DIR / ".venv" / "bin" / "python")
+    elif kind_of(name) == "egress":
+        # The same venv for every revision; the cwd decides which egress `-m` imports.
+        python, code_dir = str(VENV_PYTHON), opts.code_dir(name)
         socks_port, admin_port = free_port(), free_port()
         conf = egress_config(workdir, http_port, socks_port, admin_port, opts.bench_uid)
         cmd = [*pin, python, "-m", "egress.cli", "proxy", "--config", str(conf)]
         try:
-            if egress_supports_loop_flag(python):
+            if egress_supports_loop_flag(python, code_dir):
                 cmd += ["--loop", "uvloop"]
         except (subprocess.TimeoutExpired, OSError):
             pass
     else:
         raise BenchError(f"unknown target {name}")
 
-    log(f"start {name}: {' '.join(cmd)}")
+    cwd = opts.code_dir(name) if kind_of(name) == "egress" else workdir
+    log(f"start {name}: {' '.join(cmd)} (cwd {cwd})")
     with stderr_path.open("wb") as err:
-        proc = subprocess.Popen(
-            cmd, stdout=err, stderr=subprocess.STDOUT, cwd=REPO_DIR if name == "egress" else workdir
-        )
+        proc = subprocess.Popen(cmd, stdout=err, stderr=subprocess.STDOUT, cwd=cwd)
     spy: subprocess.Popen[bytes] | None = None
     try:
         try:
@@ -504,7 +610,7 @@ def target_args(proxy: Proxy, proto: str, dest_port: int) -> list[str]:
 
 def smoke_test(opts: Options, loadgen: Path, proxy: Proxy, up: Upstream) -> None:
     """A handful of connections per protocol; raise with the proxy's output if any fails."""
-    for proto in PROTOCOLS[proxy.name]:
+    for proto in protocols(proxy.name):
         res = run_loadgen(
             opts, loadgen,
             ["--mode", "rate", *target_args(proxy, proto, up.reqresp_port), "--concurrency", "2",
@@ -518,7 +624,7 @@ def smoke_test(opts: Options, loadgen: Path, proxy: Proxy, up: Upstream) -> None
 
 def rate_cases(opts: Options, loadgen: Path, proxy: Proxy, up: Upstream) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
-    for proto in PROTOCOLS[proxy.name]:
+    for proto in protocols(proxy.name):
         for conc in opts.concurrencies:
             args = [
                 "--mode", "rate", *target_args(proxy, proto, up.reqresp_port),
@@ -663,7 +769,7 @@ def idle_case(
     cap = (hard - FD_RESERVE) // 2 if hard != resource.RLIM_INFINITY else requested
     tunnels = min(requested, cap)
     # warm up the code paths (imports, log file, caches) before the baseline
-    for proto in PROTOCOLS[proxy.name]:
+    for proto in protocols(proxy.name):
         run_loadgen(
             opts, loadgen,
             ["--mode", "rate", *target_args(proxy, proto, up.reqresp_port), "--concurrency", "4",
@@ -856,8 +962,11 @@ def render(results: dict[str, Any], opts: Options) -> str:
     return "\n\n".join(sections)
 
 
-def order(name: str) -> int:
-    return ("direct", *PROXIES).index(name) if name in ("direct", *PROXIES) else 99
+def order(name: str) -> tuple[int, str]:
+    """Table order: direct, the other proxies, egress, then each egress@REV after egress."""
+    known = ("direct", *PROXIES)
+    kind = kind_of(name)
+    return (known.index(kind) if kind in known else 99, name)
 
 
 def bottleneck_check(results: dict[str, Any]) -> list[str]:
@@ -925,8 +1034,13 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     p.add_argument(
         "--only", action="append", default=[], metavar="NAME",
         help="run only these targets (repeat or comma-separate; "
-        f"{', '.join(('direct', *PROXIES))}); "
+        f"{', '.join(('direct', *PROXIES))}, {EGRESS_AT}REV); "
         "the direct baseline always runs unless --only direct alone is given",
+    )  # fmt: skip
+    p.add_argument(
+        "--egress-at", action="append", default=[], metavar="REV",
+        help="also run egress as of git revision REV (target egress@SHORT, from a worktree in "
+        "bench/.build/); repeatable; naming egress@REV in --only does the same",
     )  # fmt: skip
     p.add_argument(
         "--cases",
@@ -964,8 +1078,11 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     )
     a = p.parse_args(argv)
     only = tuple(n.strip() for item in a.only for n in item.split(",") if n.strip())
+    revs = [r.strip() for item in a.egress_at for r in item.split(",") if r.strip()]
     for n in only:
-        if n not in ("direct", *PROXIES):
+        if n.startswith(EGRESS_AT) and len(n) > len(EGRESS_AT):
+            revs.append(n.removeprefix(EGRESS_AT))
+        elif n not in ("direct", *PROXIES):
             p.error(f"unknown target {n!r}")
     cases = tuple(c.strip() for c in a.cases.split(",") if c.strip())
     for c in cases:
@@ -993,6 +1110,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         profile=a.profile,
         results_path=a.output,
         soak_seconds=a.soak_seconds or (10.0 if a.quick else 60.0),
+        egress_revs=tuple(dict.fromkeys(revs)),
     )
 
 
@@ -1033,9 +1151,8 @@ def versions() -> dict[str, str]:
                 "print(m.version('pproxy'), 'uvloop', m.version('uvloop'))",
             ]
         )
-    v["egress_uvloop"] = run(
-        [str(REPO_DIR / ".venv/bin/python"), "-c", "import uvloop; print(uvloop.__version__)"]
-    )
+    v["egress_uvloop"] = run([str(VENV_PYTHON), "-c", "import uvloop; print(uvloop.__version__)"])
+    v["egress_git"] = run(["git", "-C", str(REPO_DIR), "describe", "--always", "--dirty"])
     return v
 
 
@@ -1049,10 +1166,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         )  # this driver mostly sleeps; keep it off the proxy CPU
     nofile = raise_nofile()
     loadgen, upstream_exe = build_c_tools()
-    if opts.only == ("direct",):
-        targets: list[str] = ["direct"]
-    else:
-        targets = ["direct", *[p for p in PROXIES if not opts.only or p in opts.only]]
+    try:
+        opts, revisions = prepare_egress_revs(opts)
+    except BenchError as exc:
+        log(str(exc))
+        return 2
+    older = [name for name, _ in opts.egress_trees]  # --egress-at, and egress@REV in --only
+    targets = ["direct", *[p for p in PROXIES if not opts.only or p in opts.only], *older]
+    if opts.only == ("direct",) and not older:
+        targets = ["direct"]
     results: dict[str, Any] = {
         "meta": {
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -1063,6 +1185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "rlimit_nofile": nofile,
             "versions": versions(),
             "pinning": {"proxy_cpu": PROXY_CPU, "load_and_upstream_cpu": LOAD_CPU},
+            "egress_revisions": revisions,
             "command": " ".join([sys.executable, *sys.argv]),
         },
         "rate": [],
