@@ -7,6 +7,7 @@ rewriting the config file, with real listeners, real DNS stubs and real upstream
 from __future__ import annotations
 
 import copy
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -185,5 +186,31 @@ def test_opening_a_special_range_recompiles_the_rules(loop_kind: str, tmp_path: 
                 first, second = await proxy.wait_records(2)
         assert first["reason"] == "special_address"
         assert second["reason"] == "allowed"
+
+    run(loop_kind, main())
+
+
+def test_logrotate_moves_the_log_and_sighup_reopens_it(loop_kind: str, tmp_path: Path) -> None:
+    """logrotate renames the file, then sends SIGHUP: lines before go to the moved file,
+    lines after to a new file at the configured path."""
+
+    async def main() -> None:
+        async with EchoUpstream() as upstream:
+            data = loopback(upstream.port)
+            async with running_proxy(data, tmp_path) as proxy:
+                assert await connect_code(proxy, "127.0.0.1", upstream.port) == 0
+                await proxy.wait_records(1)
+                rotated = proxy.log_path.with_suffix(".log.1")
+                proxy.log_path.rename(rotated)
+                data["log"]["connection_log"] = str(proxy.log_path)
+                assert await proxy.runtime.reload()  # what logrotate's postrotate triggers
+                # The writer thread reopens the path; wait before switching uids to connect
+                # (seteuid applies to every thread of the process).
+                await eventually(proxy.log_path.exists, "the log file recreated")
+                assert await connect_code(proxy, "127.0.0.1", upstream.port) == 0
+                after = await proxy.wait_records(1)
+        before = [line for line in rotated.read_text().splitlines() if line]
+        assert len(before) == 1 and len(after) == 1
+        assert after[0]["ts"] >= json.loads(before[0])["ts"]
 
     run(loop_kind, main())
