@@ -101,48 +101,58 @@ class _TransportOf:
         return self._extra.get(key)
 
 
+def race_config(upstream_port: int) -> dict[str, Any]:
+    return base_config(
+        security={"allow_special": ["127.0.0.0/8"]},
+        app=[
+            {"name": "attacker", "uids": [str(ATTACKER_UID)], "allow": []},
+            {"name": "victim", "uids": [str(VICTIM_UID)], "allow": [f"127.0.0.1:{upstream_port}"]},
+        ],
+    )
+
+
+class Race:
+    """The attacker's connection, sent and waiting; :meth:`swap` resets it and connects the
+    victim from the same source port (once), the moment before the proxy looks it up."""
+
+    def __init__(self, listener: ListenerKind, proxy_address: tuple[str, int], dest_port: int):
+        self.proxy_address = proxy_address
+        self.attacker = socket_as_uid(ATTACKER_UID)
+        self.attacker.setblocking(True)
+        self.attacker.connect(proxy_address)
+        self.attacker.sendall(_request(listener, dest_port))
+        self.victim: socket.socket | None = None
+
+    def swap(self) -> None:
+        if self.victim is None:
+            source_port = self.attacker.getsockname()[1]
+            reset(self.attacker)
+            self.victim = victim_socket_on(source_port)
+            self.victim.setblocking(True)
+            self.victim.connect(self.proxy_address)
+
+
 @pytest.mark.parametrize("listener", [ListenerKind.HTTP, ListenerKind.SOCKS5])
 def test_reset_and_reuse_before_the_lookup_is_refused(
     loop_kind: str, tmp_path: Path, listener: ListenerKind
 ) -> None:
     async def main() -> None:
         async with EchoUpstream() as upstream:
-            config = base_config(
-                security={"allow_special": ["127.0.0.0/8"]},
-                app=[
-                    {"name": "attacker", "uids": [str(ATTACKER_UID)], "allow": []},
-                    {
-                        "name": "victim",
-                        "uids": [str(VICTIM_UID)],
-                        "allow": [f"127.0.0.1:{upstream.port}"],
-                    },
-                ],
-            )
-            async with running_proxy(config, tmp_path) as proxy:
-                host, port = proxy.address(listener)
-                attacker = socket_as_uid(ATTACKER_UID)
-                attacker.setblocking(True)
-                attacker.connect((host, port))
-                attacker.sendall(_request(listener, upstream.port))
-                victims: list[socket.socket] = []
+            async with running_proxy(race_config(upstream.port), tmp_path) as proxy:
+                race = Race(listener, proxy.address(listener), upstream.port)
                 context = proxy.runtime.context
                 real_identify = context.identify
 
                 def reset_and_reuse_first(transport: Any, **kwargs: Any) -> int | None:
-                    if not victims:  # the attacker's connection: swap the tuple, then look up
-                        source_port = attacker.getsockname()[1]
-                        reset(attacker)
-                        victim = victim_socket_on(source_port)
-                        victim.setblocking(True)
-                        victim.connect((host, port))
-                        victims.append(victim)
+                    race.swap()  # the attacker's connection: swap the tuple, then look up
                     return real_identify(transport, **kwargs)
 
                 context.identify = reset_and_reuse_first
                 records = await proxy.wait_records(1)
                 context.identify = real_identify
                 # The victim's own connection (same tuple, accepted next) still works.
-                (victim,) = victims
+                victim = race.victim
+                assert victim is not None
                 victim.setblocking(False)
                 reader, writer = await asyncio.open_connection(sock=victim)
                 if listener is ListenerKind.HTTP:
@@ -184,46 +194,27 @@ def test_the_same_race_against_an_unbound_lookup_would_serve_the_victim(tmp_path
     reads it later, fails on the reset socket and so happened not to be affected."""
 
     async def main() -> None:
-        async with EchoUpstream() as upstream:
-            config = base_config(
-                security={"allow_special": ["127.0.0.0/8"]},
-                app=[
-                    {"name": "attacker", "uids": [str(ATTACKER_UID)], "allow": []},
-                    {
-                        "name": "victim",
-                        "uids": [str(VICTIM_UID)],
-                        "allow": [f"127.0.0.1:{upstream.port}"],
-                    },
-                ],
-            )
-            async with running_proxy(config, tmp_path) as proxy:
-                host, port = proxy.address(ListenerKind.HTTP)
-                attacker = socket_as_uid(ATTACKER_UID)
-                attacker.setblocking(True)
-                attacker.connect((host, port))
-                attacker.sendall(_request(ListenerKind.HTTP, upstream.port))
-                lookup = make_tcp_owner_lookup()
-                victims: list[socket.socket] = []
+        async with (
+            EchoUpstream() as upstream,
+            running_proxy(race_config(upstream.port), tmp_path) as proxy,
+        ):
+            address = proxy.address(ListenerKind.HTTP)
+            race = Race(ListenerKind.HTTP, address, upstream.port)
+            lookup = make_tcp_owner_lookup()
 
-                def unbound(transport: Any, **kwargs: Any) -> int | None:
-                    if not victims:
-                        source_port = attacker.getsockname()[1]
-                        reset(attacker)
-                        victim = victim_socket_on(source_port)
-                        victim.setblocking(True)
-                        victim.connect((host, port))
-                        victims.append(victim)
-                    peer = transport.get_extra_info("peername")
-                    local = transport.get_extra_info("sockname")
-                    return lookup.lookup(peer[:2], local[:2]) if peer and local else None
+            def unbound(transport: Any, **kwargs: Any) -> int | None:
+                race.swap()
+                peer = transport.get_extra_info("peername")
+                local = transport.get_extra_info("sockname")
+                return lookup.lookup(peer[:2], local[:2]) if peer and local else None
 
-                proxy.runtime.context.identify = unbound
-                try:
-                    (record,) = await proxy.wait_records(1)
-                finally:
-                    lookup.close()
-                    for victim in victims:
-                        victim.close()
+            proxy.runtime.context.identify = unbound
+            try:
+                (record,) = await proxy.wait_records(1)
+            finally:
+                lookup.close()
+                if race.victim is not None:
+                    race.victim.close()
         # Served (or at least decided) as the victim: exactly what the binding check prevents.
         assert (record["app"], record["uid"]) == ("victim", VICTIM_UID), record
 

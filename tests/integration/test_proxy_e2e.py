@@ -15,6 +15,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -564,6 +565,30 @@ def test_http_connect_ipv6_literal_in_brackets(loop_kind: str, tmp_path: Path) -
     run(loop_kind, main())
 
 
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+async def forward(
+    tmp_path: Path, origin: Handler, request: Callable[[int], bytes]
+) -> tuple[bytes, dict[str, Any]]:
+    """Send ``request(origin_port)`` through the proxy's HTTP listener to a real origin server
+    running ``origin``; return the whole response and the connection's log record."""
+    server = await asyncio.start_server(origin, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with running_proxy(loopback_config(port), tmp_path) as proxy:
+            reader, writer = await open_as_uid(APP_UID, *proxy.address(ListenerKind.HTTP))
+            writer.write(request(port))
+            await writer.drain()
+            response = await reader.read()
+            await close(writer)
+            (record,) = await proxy.wait_records(1)
+    finally:
+        server.close()
+        await server.wait_closed()
+    return response, record
+
+
 def test_plain_http_forwarding_strips_hop_by_hop_headers(loop_kind: str, tmp_path: Path) -> None:
     async def main() -> None:
         seen: dict[str, Any] = {}
@@ -580,22 +605,15 @@ def test_plain_http_forwarding_strips_hop_by_hop_headers(loop_kind: str, tmp_pat
             await writer.drain()
             writer.close()
 
-        server = await asyncio.start_server(origin, "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
-        try:
-            async with running_proxy(loopback_config(port), tmp_path) as proxy:
-                reader, writer = await open_as_uid(APP_UID, *proxy.address(ListenerKind.HTTP))
-                writer.write(
-                    f"GET http://127.0.0.1:{port}/path?q=1 HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-                    "Proxy-Connection: keep-alive\r\nConnection: X-Drop-Me\r\nX-Drop-Me: yes\r\n"
-                    "X-Keep: yes\r\n\r\n".encode()
-                )
-                response = await reader.read()
-                await close(writer)
-                (record,) = await proxy.wait_records(1)
-        finally:
-            server.close()
-            await server.wait_closed()
+        response, record = await forward(
+            tmp_path,
+            origin,
+            lambda port: (
+                f"GET http://127.0.0.1:{port}/path?q=1 HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                "Proxy-Connection: keep-alive\r\nConnection: X-Drop-Me\r\nX-Drop-Me: yes\r\n"
+                "X-Keep: yes\r\n\r\n"
+            ).encode(),
+        )
         head = seen["head"]
         assert head.startswith("GET /path?q=1 HTTP/1.1\r\n")
         lowered = head.lower()
@@ -630,23 +648,17 @@ def test_plain_http_forwarding_counts_every_body_byte(
             await writer.drain()
             writer.close()
 
-        server = await asyncio.start_server(origin, "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
-        try:
-            async with running_proxy(loopback_config(port), tmp_path) as proxy:
-                reader, writer = await open_as_uid(APP_UID, *proxy.address(ListenerKind.HTTP))
-                writer.write(
+        response, record = await forward(
+            tmp_path,
+            origin,
+            lambda port: (
+                (
                     f"POST http://127.0.0.1:{port}/up HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-                    f"Content-Length: {size}\r\n\r\n".encode()
-                    + b"b" * size
-                )
-                await writer.drain()
-                response = await reader.read()
-                await close(writer)
-                (record,) = await proxy.wait_records(1)
-        finally:
-            server.close()
-            await server.wait_closed()
+                    f"Content-Length: {size}\r\n\r\n"
+                ).encode()
+                + b"b" * size
+            ),
+        )
         assert response.startswith(b"HTTP/1.1 204")
         assert record["bytes_up"] == len(received) > size
 
