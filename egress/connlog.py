@@ -147,8 +147,11 @@ class ConnectionLog:
 
     def emit(self, record: dict[str, Any]) -> None:
         """Buffer one line; never blocks (a line that does not fit is dropped and counted)."""
-        line = self._encode(record)
-        size = len(line) + 1  # ensure_ascii: characters are bytes
+        self.emit_line(self._encode(record))
+
+    def emit_line(self, line: str) -> None:
+        """Like :meth:`emit`, for a line already encoded as ASCII JSON (no newline)."""
+        size = len(line) + 1  # ASCII: characters are bytes
         pending = self._bytes_handed - self._bytes_done
         if self._closed or pending + self._size + size > self._max_pending:
             self._dropped_loop += 1

@@ -16,9 +16,11 @@ enter the policy; everything below works on the canonical form.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
+from typing import cast
 
 from egress.outcomes import OUTCOMES, DecisionLabel, Outcome
 from egress.resolver import Resolution, ResolveError, ResolveFailure
@@ -107,18 +109,40 @@ def first_step(
     could allow on ``port`` is denied without a lookup.
     """
     if not isinstance(host, str):
+        if names_for is None:
+            return _literal_verdict(app, host, port)
         address = effective_address(host)
         name_rule = None
-        if names_for is not None:
-            for name in names_for(address):
-                name_rule = app.rules.match_name(name, port)
-                if name_rule is not None:
-                    break
+        for name in names_for(address):
+            name_rule = app.rules.match_name(name, port)
+            if name_rule is not None:
+                break
         return _verdict(decide_address(app, address, port, name_rule=name_rule), (address,))
     plan = decide_name(app, host, port)
     if not plan.must_resolve:
         return _verdict(plan.decision_if_not)
     return Lookup(host, port, plan.name_rule)
+
+
+def _literal_verdict(app: AppPolicy, host: IPAddress, port: int) -> Verdict:
+    """The verdict for an address literal, remembered in the snapshot's memo: a pure function
+    of the app's compiled rules, the address and the port, and the same few destinations come
+    again and again. The memo lives and dies with the snapshot (a reload starts empty) and is
+    bounded; a destination reached through a name is never memoised (DNS answers change)."""
+    key = (app.name, host, port)
+    memo = app.memo
+    verdict = memo.get(key)
+    if verdict is None:
+        address = effective_address(host)
+        verdict = _verdict(decide_address(app, address, port), (address,))
+        if len(memo) >= MEMO_ENTRIES:
+            memo.clear()
+        memo[key] = verdict
+    return cast(Verdict, verdict)
+
+
+MEMO_ENTRIES = 16384
+"""Verdicts for address literals remembered per snapshot, across all apps."""
 
 
 def after_lookup(app: AppPolicy, lookup: Lookup, addresses: Sequence[IPAddress]) -> Verdict:
@@ -156,14 +180,21 @@ async def evaluate(
     resolve: Callable[[str], Awaitable[Resolution]],
     names_for: NamesFor | None = None,
     limit: LimitResult | None = None,
+    deadline: float | None = None,
 ) -> Verdict:
     """The pure steps wired around the one await (``resolve``, which may raise
-    :class:`ResolveError`)."""
+    :class:`ResolveError`), bounded by ``deadline`` (loop time) when one is given."""
     step = first_step(app, host, port, names_for=names_for)
     if isinstance(step, Lookup):
         try:
-            resolution = await resolve(step.name)
+            if deadline is None:
+                resolution = await resolve(step.name)
+            else:
+                async with asyncio.timeout_at(deadline):
+                    resolution = await resolve(step.name)
         except ResolveError as error:
             return after_lookup_failure(error)
+        except TimeoutError:
+            return Verdict(Outcome.DNS_TIMEOUT, detail="no DNS answer within the connect deadline")
         step = after_lookup(app, step, resolution.addresses)
     return combine(step, limit)

@@ -19,9 +19,10 @@ denial is a normal return value.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from ipaddress import IPv4Address, IPv6Address
+from typing import Any
 
 from rules.apps import App, Mode
 from rules.match import CompiledRules
@@ -60,9 +61,14 @@ class AppPolicy:
     rules: CompiledRules
     opened: CompiledRules  # address rules lying inside an opened special-purpose range
     exceptions: SpecialExceptions
+    # Shared by every app of one snapshot: callers may remember pure results in it (see
+    # egress.policy), keyed by app name; it goes away with the snapshot.
+    memo: dict[Any, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
-    def compile(cls, app: App, exceptions: SpecialExceptions) -> AppPolicy:
+    def compile(
+        cls, app: App, exceptions: SpecialExceptions, memo: dict[Any, Any] | None = None
+    ) -> AppPolicy:
         opened = (
             [
                 rule
@@ -73,7 +79,13 @@ class AppPolicy:
             if exceptions
             else []
         )
-        return cls(app, CompiledRules.compile(app.allow), CompiledRules.compile(opened), exceptions)
+        return cls(
+            app,
+            CompiledRules.compile(app.allow),
+            CompiledRules.compile(opened),
+            exceptions,
+            memo if memo is not None else {},
+        )
 
     @property
     def name(self) -> str:

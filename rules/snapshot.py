@@ -9,6 +9,7 @@ flowing while 10,000 apps compile.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from rules.apps import RuleSet
 from rules.decide import AppPolicy
@@ -46,13 +47,14 @@ class SnapshotBuilder:
     """Compiles a rule set a few apps at a time; :meth:`result` once :meth:`compile_some` says
     it is done."""
 
-    __slots__ = ("_apps", "_compiled", "_exceptions", "_next", "_ruleset")
+    __slots__ = ("_apps", "_compiled", "_exceptions", "_memo", "_next", "_ruleset")
 
     def __init__(self, ruleset: RuleSet, exceptions: SpecialExceptions) -> None:
         self._ruleset = ruleset
         self._exceptions = exceptions
         self._apps = ruleset.apps
         self._compiled: dict[str, AppPolicy] = {}
+        self._memo: dict[Any, Any] = {}  # one for the whole snapshot
         self._next = 0
 
     def compile_some(self, count: int) -> bool:
@@ -61,7 +63,7 @@ class SnapshotBuilder:
         exceptions = self._exceptions
         compiled = self._compiled
         for app in self._apps[self._next : end]:
-            compiled[app.name] = AppPolicy.compile(app, exceptions)
+            compiled[app.name] = AppPolicy.compile(app, exceptions, self._memo)
         self._next = end
         return end == len(self._apps)
 

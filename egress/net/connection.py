@@ -14,13 +14,15 @@ releases the connection, writes the log line and counts the metrics.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import hmac
 import logging
 import time
 from enum import StrEnum
 from ipaddress import IPv4Address, IPv6Address, ip_address
-from typing import Any, cast
+from json.encoder import encode_basestring_ascii
+from typing import cast
 
 from egress.connlog import untrusted
 from egress.context import ConnectionContext
@@ -36,6 +38,10 @@ from rules.decide import AppPolicy
 __all__ = ["ClientConnection", "HttpConnection", "ListenerKind", "Socks5Connection"]
 
 log = logging.getLogger("egress.connection")
+
+# The same few destination texts come again and again; canonical_host is pure (and raises,
+# uncached, for what it refuses).
+_canonical_host = functools.lru_cache(maxsize=4096)(canonical_host)
 
 IPAddress = IPv4Address | IPv6Address
 
@@ -239,7 +245,7 @@ class ClientConnection(asyncio.Protocol):
             self.fail(Outcome.SHUTTING_DOWN)
             return
         try:
-            host = raw_host if not isinstance(raw_host, str) else canonical_host(raw_host)
+            host = raw_host if not isinstance(raw_host, str) else _canonical_host(raw_host)
         except HostSyntaxError as exc:
             self.fail(Outcome.BAD_ADDRESS, str(exc))
             return
@@ -248,17 +254,11 @@ class ClientConnection(asyncio.Protocol):
 
     async def _establish(self, app: AppPolicy, host: str | IPAddress, port: int) -> None:
         ctx = self.ctx
-        timeout = self.settings.connect_timeout
-        deadline = ctx.loop.time() + timeout  # one deadline for DNS and every dial attempt
+        deadline = ctx.loop.time() + self.settings.connect_timeout  # DNS and every dial attempt
         names_for = ctx.resolver.cached_names_for if self.kind is ListenerKind.TRANSPARENT else None
-        try:
-            async with asyncio.timeout_at(deadline):
-                verdict = await evaluate(app, host, port, resolve=ctx.resolve, names_for=names_for)
-        except TimeoutError:
-            verdict = Verdict(
-                Outcome.DNS_TIMEOUT,
-                detail=f"no DNS answer within proxy.connect_timeout ({timeout:g} s)",
-            )
+        verdict = await evaluate(
+            app, host, port, resolve=ctx.resolve, names_for=names_for, deadline=deadline
+        )
         self.verdict = verdict
         self.app = None  # decided: from here on only the name is needed
         del app  # (this frame lives through the dial)
@@ -267,14 +267,7 @@ class ClientConnection(asyncio.Protocol):
             return
         started = time.perf_counter()
         try:
-            async with asyncio.timeout_at(deadline):  # the dialer's promise, enforced here too
-                dialled = await ctx.dial(verdict.addresses, port, deadline=deadline)
-        except TimeoutError:
-            self.fail(
-                Outcome.CONNECT_TIMEOUT,
-                f"no connection within proxy.connect_timeout ({timeout:g} s)",
-            )
-            return
+            dialled = await ctx.dial(verdict.addresses, port, deadline=deadline)
         except DialError as exc:
             self.fail(exc.outcome, exc.detail)
             return
@@ -384,23 +377,29 @@ class ClientConnection(asyncio.Protocol):
         ctx.metrics.connection(self.app_name or UNKNOWN_APP, self.kind, decision, reason)
         tunnel = self.tunnel
         dialled = self.dialled
-        record: dict[str, Any] = {
-            "ts": round(self.started_wall, 3),
-            "listener": self.kind.value,
-            "uid": self.uid,
-            "app": self.app_name,
-            "rules_version": self.rules_version,
-            "dest": self.destination,
-            "dialed": _hostport(dialled.address, dialled.port) if dialled is not None else None,
-            "decision": decision.value,
-            "reason": reason.value,
-            "rule": verdict.rule if verdict is not None else None,
-            "bytes_up": tunnel.bytes_up if tunnel is not None else 0,
-            "bytes_down": tunnel.bytes_down if tunnel is not None else 0,
-            "duration_ms": round((time.perf_counter() - self.accepted_at) * 1000, 3),
-            "error": untrusted(self.detail),
-        }
-        ctx.connlog.emit(record)
+        uid = self.uid
+        detail = untrusted(self.detail)
+        rule = verdict.rule if verdict is not None else None
+        dialed = None if dialled is None else _hostport(dialled.address, dialled.port)
+        # The line is formatted here rather than through json.dumps of a dict (a fifth of the
+        # per-connection cost of logging): the same keys, in the same order, every string
+        # through json's own escaper.
+        ctx.connlog.emit_line(
+            f'{{"ts":{self.started_wall:.3f},"listener":"{self.kind.value}",'
+            f'"uid":{"null" if uid is None else uid},"app":{_json_str(self.app_name)},'
+            f'"rules_version":{"null" if self.rules_version is None else self.rules_version},'
+            f'"dest":{_json_str(self.destination)},'
+            f'"dialed":{_json_str(dialed)},'
+            f'"decision":"{decision.value}","reason":"{reason.value}","rule":{_json_str(rule)},'
+            f'"bytes_up":{0 if tunnel is None else tunnel.bytes_up},'
+            f'"bytes_down":{0 if tunnel is None else tunnel.bytes_down},'
+            f'"duration_ms":{(time.perf_counter() - self.accepted_at) * 1000:.3f},'
+            f'"error":{_json_str(detail)}}}'
+        )
+
+
+def _json_str(text: str | None) -> str:
+    return "null" if text is None else encode_basestring_ascii(text)
 
 
 def _hostport(address: IPAddress, port: int) -> str:

@@ -77,6 +77,7 @@ Kernel structures used (native byte order unless marked big-endian)::
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import socket
@@ -160,6 +161,7 @@ class _Query(NamedTuple):
     dport: int
 
 
+@functools.lru_cache(maxsize=1024)  # a connection's two addresses are usually the last ones seen
 def _pack(host: str) -> bytes:
     """A strict IP literal (dotted quad or IPv6, zone stripped) -> 4 or 16 packed bytes."""
     host = host.partition("%")[0]  # "fe80::1%eth0": the lookup is not scoped (idiag_if = 0)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import errno
+import json
 import socket
 import struct
 from collections.abc import Callable, Coroutine, Mapping, Sequence
@@ -449,7 +450,8 @@ class DialAttempt:
 
 
 class FakeDialer:
-    """``ctx.dial``: records each call as a :class:`DialAttempt` and waits for the test."""
+    """``ctx.dial``: records each call as a :class:`DialAttempt` and waits for the test; like
+    the real dialer, it gives up at the deadline (``connect_timeout``)."""
 
     def __init__(self) -> None:
         self.attempts: list[DialAttempt] = []
@@ -461,7 +463,11 @@ class FakeDialer:
         attempt = DialAttempt(asyncio.get_running_loop(), tuple(addresses), port, deadline)
         self.attempts.append(attempt)
         self._called.set()
-        return await attempt.future
+        try:
+            async with asyncio.timeout_at(deadline):
+                return await attempt.future
+        except TimeoutError:
+            raise DialError(Outcome.CONNECT_TIMEOUT, "timed out") from None
 
     async def next_attempt(self, index: int = 0, *, timeout: float = 2.0) -> DialAttempt:
         """Attempt number ``index`` (from 0), once the driver has made it."""
@@ -510,7 +516,8 @@ class FakeRules:
 
 
 class RecordingLog:
-    """``ctx.connlog`` with the same ``emit`` as :class:`ConnectionLog`, kept in memory."""
+    """``ctx.connlog`` with the same ``emit`` / ``emit_line`` as :class:`ConnectionLog`, kept
+    in memory; every line must be one valid JSON object."""
 
     def __init__(self) -> None:
         self.records: list[dict[str, Any]] = []
@@ -519,6 +526,12 @@ class RecordingLog:
     def emit(self, record: dict[str, Any]) -> None:
         self.records.append(dict(record))
         self._changed.set()
+
+    def emit_line(self, line: str) -> None:
+        assert line.isascii() and "\n" not in line, line
+        record = json.loads(line)
+        assert isinstance(record, dict), line
+        self.emit(record)
 
     async def wait_for(self, count: int = 1, *, timeout: float = 2.0) -> list[dict[str, Any]]:
         async with asyncio.timeout(timeout):
