@@ -172,8 +172,3 @@ OUTCOMES: Final[Mapping[Outcome, Row]] = MappingProxyType(
         ),
     }
 )
-
-
-def row(outcome: Outcome) -> Row:
-    """The row of ``outcome``."""
-    return OUTCOMES[outcome]

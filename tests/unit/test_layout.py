@@ -1,0 +1,46 @@
+"""The architecture, checked: which package may import which (DESIGN.md's parts)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _imports(path: Path) -> set[str]:
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module.split(".")[0])
+    return found
+
+
+# (package folder, top-level modules it must never import, why)
+RULES = [
+    ("rules", {"egress", "ratelimit", "asyncio", "socket"}, "pure policy: no I/O, no egress"),
+    ("ratelimit", {"rules", "egress"}, "rules and ratelimit meet only in egress/policy.py"),
+    ("egress/proto", {"asyncio", "socket"}, "sans-I/O parsing: bytes in, events out"),
+]
+
+
+@pytest.mark.parametrize(("folder", "forbidden", "why"), RULES, ids=[r[0] for r in RULES])
+def test_package_boundaries(folder: str, forbidden: set[str], why: str) -> None:
+    files = sorted((ROOT / folder).rglob("*.py"))
+    assert files
+    for path in files:
+        wrong = _imports(path) & forbidden
+        assert not wrong, f"{path.relative_to(ROOT)} imports {sorted(wrong)}: {why}"
+
+
+def test_only_policy_joins_rules_and_ratelimit() -> None:
+    both = [
+        path.relative_to(ROOT).as_posix()
+        for path in sorted((ROOT / "egress").rglob("*.py"))
+        if {"rules", "ratelimit"} <= _imports(path)
+    ]
+    assert both == ["egress/policy.py"]
