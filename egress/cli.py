@@ -65,6 +65,9 @@ def _cmd_proxy(args: argparse.Namespace) -> int:
     except EgressError as exc:
         log.error("cannot start", extra={"config": args.config, "error": str(exc)})
         return 2
+    except Exception as exc:  # a bug, still said in one JSON line
+        log.exception("proxy failed", extra={"config": args.config, "error": repr(exc)[:300]})
+        return 2
     return 0
 
 

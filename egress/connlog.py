@@ -1,10 +1,11 @@
 """The canonical log line: one JSON object per client connection, written when it closes.
 
 Lines are buffered in memory and handed over in batches (on a short timer, when the buffer
-grows, and at shutdown) so the per-connection cost on the event loop is one ``json.dumps`` and a
-list append. The blocking ``write`` calls happen on one writer thread, because the loop must never
-stall on a slow disk or on a full pipe (stderr read by a wedged log shipper): every tunnel would
-stall with it. What the thread cannot keep up with is dropped, whole lines only, and counted.
+grows, and at shutdown), so the per-connection cost on the event loop is formatting the line
+(the driver formats it itself; :meth:`ConnectionLog.emit` encodes a dict) and a list append.
+The blocking ``write`` calls happen on one writer thread, because the loop must never stall on
+a slow disk or on a full pipe (stderr read by a wedged log shipper): every tunnel would stall
+with it. What the thread cannot keep up with is dropped, whole lines only, and counted.
 
 Strings that came from a client are bounded and escaped before they get here (:func:`untrusted`).
 """

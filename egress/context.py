@@ -6,8 +6,9 @@ identity lookup, the dialer, the current rules snapshot and the registry. Each i
 interface, so a driver can be unit-tested with fake transports and fakes for these, and nothing
 here imports the server (no import cycle).
 
-``settings`` and ``resolver`` are replaced on a live reload; a connection reads them once, when
-it is accepted, and keeps what it read.
+``settings`` and ``resolver`` are replaced on a live reload: a connection keeps the settings it
+was accepted under, and uses the resolver current when it looks a name up. The admission limits
+(``max_connections``, ``max_handshakes_per_app``) live in the registry.
 """
 
 from __future__ import annotations
@@ -49,8 +50,6 @@ class ProxySettings:
     idle_timeout: float = 300.0
     drain_timeout: float = 30.0
     max_handshake_bytes: int = 8192
-    max_connections: int = 10000
-    max_handshakes_per_app: int = 64
 
     @classmethod
     def from_config(cls, proxy: ProxyConfig) -> ProxySettings:
@@ -60,8 +59,6 @@ class ProxySettings:
             idle_timeout=proxy.idle_timeout,
             drain_timeout=proxy.drain_timeout,
             max_handshake_bytes=proxy.max_handshake_bytes,
-            max_connections=proxy.max_connections,
-            max_handshakes_per_app=proxy.max_handshakes_per_app,
         )
 
 

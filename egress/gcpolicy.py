@@ -1,21 +1,26 @@
 """Keep CPython's full garbage collections off the event loop's back while rules load.
 
-A rule set of 10,000 apps is about 400,000 objects tracked by the cycle collector (a loaded
-config and its compiled snapshot, about 20 each per app). A full collection scans all of them
-and holds the GIL throughout: 0.5 to 0.9 s with the loop frozen, whether it runs in the thread
-that parses the file or on the loop that compiles. Loading a new set allocates enough to
-trigger several. So:
+A rule set of 10,000 apps is a few hundred thousand objects tracked by the cycle collector (a
+loaded config and its compiled snapshot). A full collection scans all of them and holds the GIL
+throughout: 0.3 to 0.9 s with the loop frozen, whether it runs in the thread that parses the
+file or on the loop that compiles. Loading a new set allocates enough to trigger several. So:
 
 * while a rule set loads and compiles, full (generation 2) collections are deferred (young
   generations still run, so connection garbage keeps being collected);
-* once a snapshot is installed, the objects alive then are frozen (``gc.freeze``): later
-  collections do not scan them again. Frozen objects are still freed by reference counting
-  when the last reference goes (an old snapshot, a closed connection); only reference cycles
-  among them would outlive their use, and the rules objects form none.
+* the objects alive once the proxy has started, and once a snapshot is installed, are frozen
+  (``gc.freeze``): later collections do not scan them again. Frozen objects are still freed by
+  reference counting when their last reference goes (an old snapshot, a closed connection).
+
+What a freeze must not catch is a reference cycle that becomes garbage later: the collector
+never looks at it again. The rules objects form none, and the config reader breaks its own
+(``rules.reading``). Client transports of plain asyncio do form one (a transport refers to
+itself through a bound method), so on plain asyncio only the start-up freeze happens (no
+client is connected yet); uvloop's transports form none, and there every install freezes.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gc
 from collections.abc import Iterator
@@ -48,6 +53,20 @@ def full_collections_deferred() -> Iterator[None]:
             gc.set_threshold(*_Deferral.saved)
 
 
-def freeze_long_lived() -> None:
-    """Move every object alive now out of the collector's way (see the module docstring)."""
+def freeze_long_lived(*, clients_connected: bool) -> None:
+    """Move every object alive now out of the collector's way (see the module docstring).
+
+    With ``clients_connected``, only where the event loop's transports form no reference
+    cycles (uvloop): a frozen asyncio transport would never be collected once closed.
+    """
+    if clients_connected and _loop_transports_form_cycles():
+        return
     gc.freeze()
+
+
+def _loop_transports_form_cycles() -> bool:
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return True
+    return not type(loop).__module__.startswith("uvloop")

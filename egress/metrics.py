@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import platform
 import time
+import weakref
 from bisect import bisect_left
 from collections.abc import Iterator
 
@@ -114,13 +115,19 @@ class LoopHistogram:
 
 
 class _HotPath(Collector):
-    """Exports the plain-number series of a :class:`ProxyMetrics` at scrape time."""
+    """Exports the plain-number series of a :class:`ProxyMetrics` at scrape time.
+
+    Holds the metrics weakly: the metrics hold the registry, which holds this collector, and a
+    cycle would outlive the proxy until a full collection.
+    """
 
     def __init__(self, metrics: ProxyMetrics) -> None:
-        self._m = metrics
+        self._metrics = weakref.ref(metrics)
 
     def collect(self) -> Iterator[Metric]:
-        m = self._m
+        m = self._metrics()
+        if m is None:
+            return
         connections = CounterMetricFamily(
             "egress_connections",
             "Client connections by app, listener, decision (allowed/reported/denied/error) and"
@@ -236,7 +243,6 @@ class ProxyMetrics:
             "Unix time the rules snapshot in force was installed.",
             registry=r,
         )
-        self._children: dict[tuple[str, ...], object] = {}
 
     def connection(self, app: str, listener: str, decision: str, reason: str) -> None:
         key = (app, listener, decision, reason)  # StrEnum values are str: no conversion

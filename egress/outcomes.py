@@ -4,7 +4,8 @@ Each :class:`Outcome` has exactly one :class:`Row`: the ``decision`` label it is
 the SOCKS5 reply code, the HTTP status, the RFC 9209 ``Proxy-Status`` error type, the extra
 headers its HTTP reply carries and the default one-line detail. The outcome's value is the
 metric ``reason`` label and the log's ``reason`` field. Nothing else maps outcomes to codes or
-texts, so the vocabulary is the same everywhere an operator (or a sandboxed app) looks.
+texts, so the vocabulary is the same everywhere an operator (or a sandboxed app) looks; only an
+HTTP parser error may make a 400 or 502 more precise (431, 501, 505), as HTTP allows.
 
 ``socks5`` and ``http`` are ``None`` for outcomes that get no reply at all: the connection is
 closed (refused at accept, timed out, or the client already left).
@@ -44,6 +45,7 @@ class Outcome(StrEnum):
     CONNECT_TIMEOUT = "connect_timeout"
     UNREACHABLE = "unreachable"
     UPSTREAM_ERROR = "upstream_error"
+    UPSTREAM_PROTOCOL_ERROR = "upstream_protocol_error"
     SHUTTING_DOWN = "shutting_down"
 
 
@@ -166,6 +168,13 @@ OUTCOMES: Final[Mapping[Outcome, Row]] = MappingProxyType(
             502,
             "proxy_internal_error",
             "talking to the upstream failed",
+        ),
+        Outcome.UPSTREAM_PROTOCOL_ERROR: Row(
+            _R,
+            SOCKS5_GENERAL_FAILURE,
+            502,
+            "http_protocol_error",
+            "the upstream's response was not valid HTTP",
         ),
         Outcome.SHUTTING_DOWN: Row(
             _R, SOCKS5_GENERAL_FAILURE, 503, "proxy_internal_error", "the proxy is shutting down"

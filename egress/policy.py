@@ -26,7 +26,7 @@ from egress.outcomes import OUTCOMES, DecisionLabel, Outcome
 from egress.resolver import Resolution, ResolveError, ResolveFailure
 from ratelimit.base import LimitResult
 from rules.decide import AppPolicy, Decision, decide_address, decide_addresses, decide_name
-from rules.model import Rule
+from rules.model import HostExact, Rule
 from rules.special import effective_address
 
 __all__ = [
@@ -113,10 +113,12 @@ def first_step(
             return _literal_verdict(app, host, port)
         address = effective_address(host)
         name_rule = None
-        for name in names_for(address):
-            name_rule = app.rules.match_name(name, port)
-            if name_rule is not None:
-                break
+        for name in names_for(address):  # a few names at most (the resolver bounds them)
+            rule = app.rules.match_name(name, port)
+            if rule is not None and (name_rule is None or isinstance(rule.target, HostExact)):
+                name_rule = rule  # an exact host rule, if any, decides: it may reach more
+                if isinstance(rule.target, HostExact):
+                    break
         return _verdict(decide_address(app, address, port, name_rule=name_rule), (address,))
     plan = decide_name(app, host, port)
     if not plan.must_resolve:

@@ -57,6 +57,8 @@ import aiodns
 import pycares
 from aiodns import error as ares_error
 
+from rules.special import effective_address
+
 __all__ = [
     "IPAddress",
     "Resolution",
@@ -380,14 +382,14 @@ class Resolver:
             raise RuntimeError("Resolver is closed")
         if not name or len(name) > _MAX_NAME_LENGTH:
             raise ResolveError(name, ResolveFailure.ERROR, "invalid host name length")
-        if _is_ip_literal(name):
-            raise ValueError(f"IP literal {_bounded(name)} passed to Resolver.resolve()")
         now = self._clock()
         self._expire(now)
         entry = self._cache_get(name, now)
-        if entry is not None:
+        if entry is not None:  # only names ever get into the cache (checked below)
             self._hits += 1
             return entry.result(name, now, from_cache=True)
+        if _is_ip_literal(name):
+            raise ValueError(f"IP literal {_bounded(name)} passed to Resolver.resolve()")
         self._misses += 1
         task = self._in_flight.get(name)
         if task is None:
@@ -413,18 +415,14 @@ class Resolver:
         """Names whose unexpired cached answer contains ``address`` (sorted): the
         ``max_names_per_address`` most recently stored ones at most.
 
-        An IPv4-mapped IPv6 address (``::ffff:a.b.c.d``) also matches its IPv4 form. The cost
-        is O(``max_names_per_address``), whatever number of names point at the address: this
-        runs for every transparent-mode connection, on the event loop.
+        Addresses are indexed in their canonical form (:func:`rules.special.effective_address`):
+        an IPv4-mapped IPv6 answer (``::ffff:a.b.c.d``) is found by its IPv4 form and the other
+        way round. The cost is O(``max_names_per_address``), whatever number of names point at
+        the address: this runs for every transparent-mode connection, on the event loop.
         """
         now = self._clock()
         self._expire(now)
-        found = dict(self._names_by_address.get(address, {}))
-        if isinstance(address, IPv6Address) and address.ipv4_mapped is not None:
-            found.update(self._names_by_address.get(address.ipv4_mapped, {}))
-        if len(found) > self._max_names_per_address:
-            newest = heapq.nlargest(self._max_names_per_address, found.items(), key=_serial_of)
-            found = dict(newest)
+        found = self._names_by_address.get(effective_address(address), {})
         return tuple(
             sorted(
                 name
@@ -587,7 +585,8 @@ class Resolver:
             ]
             heapq.heapify(self._expiry)
         limit = self._max_names_per_address
-        for address in entry.addresses:
+        for answer in entry.addresses:
+            address = effective_address(answer)  # how the policy asks (a mapped AAAA as IPv4)
             names = self._names_by_address.get(address)
             if names is None:
                 names = self._names_by_address[address] = {}
@@ -616,16 +615,13 @@ class Resolver:
     def _unlink(self, name: str, cached: _Cached) -> None:
         """Account for ``name``'s entry having left the cache; its heap item goes stale."""
         self._cached_bytes -= cached.size
-        for address in cached.entry.addresses:
+        for answer in cached.entry.addresses:
+            address = effective_address(answer)
             names = self._names_by_address.get(address)
             if names is not None and names.get(name) == cached.serial:
                 del names[name]
                 if not names:
                     del self._names_by_address[address]
-
-
-def _serial_of(item: tuple[str, int]) -> int:
-    return item[1]
 
 
 def _is_ip_literal(name: str) -> bool:
@@ -634,6 +630,9 @@ def _is_ip_literal(name: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+_RECORDS_PER_ADDRESS = 4  # records looked at per address kept, at most
 
 
 def _family(
@@ -650,8 +649,10 @@ def _family(
     The work is bounded by ``limit``, not by the answer: a text already seen is not parsed
     again, and once ``limit`` addresses are kept, further address records are looked up by text
     (duplicates of kept addresses still count as used, so their TTL counts) and otherwise
-    skipped unparsed, their TTL ignored. CNAME records give their TTL wherever they are.
-    Malformed records are logged once per answer (the first one and how many).
+    skipped unparsed, their TTL ignored; and no more than ``_RECORDS_PER_ADDRESS * limit``
+    records are looked at in all (a tenant's zone may answer with thousands). CNAME records
+    give their TTL wherever they are, within that bound. Malformed records are logged once per
+    answer (the first one and how many).
     """
     if isinstance(outcome, BaseException):
         return _failure(outcome)
@@ -661,7 +662,12 @@ def _family(
     ttls: list[int] = []
     skipped = dropped = 0
     first_dropped = ""
-    for record in outcome.answer:
+    answer = outcome.answer
+    most = _RECORDS_PER_ADDRESS * limit
+    if len(answer) > most:
+        skipped += len(answer) - most
+        answer = answer[:most]
+    for record in answer:
         record_type = record.type
         if record_type == _TYPE_CNAME:
             ttls.append(record.ttl)
@@ -705,8 +711,8 @@ def _family(
             skipped,
             rtype,
         )
-    if not addresses:
-        return _Family([], [])  # NODATA for this family; CNAME TTLs do not matter then
+    if not addresses:  # NODATA for this family; CNAME TTLs do not matter then
+        return _Family([], [], truncated=skipped > 0)
     return _Family(addresses, ttls, truncated=skipped > 0)
 
 

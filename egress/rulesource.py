@@ -55,11 +55,13 @@ class FileRuleSource:
     def latest(self) -> RuleSet:
         return self._latest
 
-    def prepare(self, rule_set: RuleSet) -> RuleSet | None:
+    def prepare(self, rule_set: RuleSet, *, always: bool = False) -> RuleSet | None:
         """The next version for a freshly read rule set, or ``None`` when its apps are the
-        current ones. Pure, and costly for big sets (it compares every app): the runtime calls
-        it in the thread that read the file, then :meth:`publish`-es the result on the loop."""
-        if rule_set.apps == self._latest.apps:
+        current ones (``always``: a new version anyway, because what the apps compile under,
+        ``[security]``, changed; a version names one policy). Pure, and costly for big sets (it
+        compares every app): the runtime calls it in the thread that read the file, then
+        :meth:`publish`-es the result on the loop."""
+        if not always and rule_set.apps == self._latest.apps:
             return None
         return rule_set.with_version(self._latest.version + 1)
 
@@ -177,7 +179,7 @@ class SnapshotHolder:
             while retiring:
                 del retiring[-_RETIRED_PER_STEP:]
                 await asyncio.sleep(0)
-            freeze_long_lived()
+            freeze_long_lived(clients_connected=True)
         self._metrics.rules_update(ok=True)
         self._metrics.rules_installed(snapshot.version, seconds)
         log.info(

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import logging
 import os
 import signal
@@ -117,9 +118,15 @@ class ProxyRuntime:
         self.metrics = ProxyMetrics(loop=loop_name)
         self.listeners = Listeners()
         self.resolver = make_resolver(config.resolver)
-        self.connlog = ConnectionLog(
-            config.log.connection_log, on_dropped=self.metrics.connection_log_dropped.inc
-        )
+        try:
+            self.connlog = ConnectionLog(
+                config.log.connection_log, on_dropped=self.metrics.connection_log_dropped.inc
+            )
+        except OSError as exc:
+            raise EgressError(
+                f"{config.source}: log.connection_log: cannot open"
+                f" {config.log.connection_log}: {exc.strerror or exc}"
+            ) from exc
         self.source = FileRuleSource(config.ruleset)
         self.holder = SnapshotHolder(
             PolicySnapshot.build(self.source.latest, config.security.special_exceptions),
@@ -151,6 +158,9 @@ class ProxyRuntime:
         """Open every listener and the admin endpoint, or none (raises ``EgressError``)."""
         config = self.config
         check_proxy_uid(config, os.geteuid())
+        # The config and the first snapshot stay for a long time; no client is connected yet.
+        gc.collect()
+        freeze_long_lived(clients_connected=False)
         # Netlink sockets belong to a network namespace: create the lookup where we listen.
         self._owners = ConnectionOwners(make_tcp_owner_lookup())
         self._context = ConnectionContext(
@@ -172,7 +182,6 @@ class ProxyRuntime:
             await self._release_resources()
             raise
         self.metrics.last_reload_success.set(time.time())
-        freeze_long_lived()  # the config and the first snapshot stay for a long time
         self._background = asyncio.get_running_loop().create_task(
             self._run_background(), name="egress background"
         )
@@ -295,10 +304,21 @@ class ProxyRuntime:
                 self.metrics.reload(ok=False)
                 log.error(
                     "reload rejected, keeping the previous config",
-                    extra={"problems": str(exc)},
+                    extra={"problems": [str(p) for p in exc.problems]},
                 )
                 return False
-            self.apply(new, rules)
+            except Exception as exc:  # a bug must not take the running proxy down
+                self.metrics.reload(ok=False)
+                log.exception(
+                    "reload failed, keeping the previous config", extra={"error": repr(exc)[:300]}
+                )
+                return False
+            try:
+                self.apply(new, rules)
+            except Exception as exc:
+                self.metrics.reload(ok=False)
+                log.exception("applying the reloaded config failed", extra={"error": repr(exc)})
+                return False
             if rules is not None:
                 await self.holder.wait_for_version(rules.version)
             await self.holder.wait_idle()
@@ -308,7 +328,8 @@ class ProxyRuntime:
         """Off the event loop: read and check the file, and version its rules if they changed
         (comparing 10,000 apps is work the loop should not do)."""
         new = load_config(path)
-        return new, self.source.prepare(new.ruleset)
+        security_changed = new.security.allow_special != self.config.security.allow_special
+        return new, self.source.prepare(new.ruleset, always=security_changed)
 
     def apply(self, new: Config, rules: RuleSet | None = None) -> None:
         """Apply a checked config to the running proxy; ``rules`` is its rule set as
@@ -358,17 +379,24 @@ class ProxyRuntime:
 
 
 async def serve(config: Config, *, loop_name: str = "") -> None:
-    """Run until SIGTERM/SIGINT; SIGHUP reloads."""
+    """Run until SIGTERM/SIGINT; SIGHUP reloads. The handlers are in place from before the
+    start to after the drain, so a logrotate HUP in either never kills the process."""
     runtime = ProxyRuntime(config, loop_name=loop_name)
     loop = asyncio.get_running_loop()
-    await runtime.start()
+    handlers = (
+        (signal.SIGHUP, runtime.request_reload),
+        (signal.SIGTERM, runtime.request_stop),
+        (signal.SIGINT, runtime.request_stop),
+    )
+    for sig, handler in handlers:
+        loop.add_signal_handler(sig, handler)
     try:
-        loop.add_signal_handler(signal.SIGHUP, runtime.request_reload)
-        loop.add_signal_handler(signal.SIGTERM, runtime.request_stop)
-        loop.add_signal_handler(signal.SIGINT, runtime.request_stop)
-        await runtime.wait()
+        await runtime.start()
+        try:
+            await runtime.wait()
+        finally:
+            await runtime.aclose()
     finally:
-        for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+        for sig, _ in handlers:
             with contextlib.suppress(Exception):
                 loop.remove_signal_handler(sig)
-        await runtime.aclose()

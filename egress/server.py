@@ -96,9 +96,9 @@ class Listeners:
     ) -> None:
         assert proxy.unix_socket is not None
         path = proxy.unix_socket
-        _prepare_socket_path(path)
         loop = asyncio.get_running_loop()
         try:
+            _prepare_socket_path(path)
             server = await loop.create_unix_server(
                 lambda: factory(ListenerKind.SOCKS5_UNIX), path=str(path), backlog=4096
             )
@@ -153,14 +153,21 @@ class Listeners:
 
 
 def _is_local_address(address: IPv4Address | IPv6Address) -> bool:
-    """Whether this host (this network namespace) has ``address``: binding to it succeeds."""
+    """Whether this host (this network namespace) has ``address``.
+
+    Asked of the routing table: a datagram socket "connected" to a local address takes that
+    address as its own source (nothing is sent). Binding would not do: with
+    ``net.ipv4.ip_nonlocal_bind`` every address binds.
+    """
+    if address.is_loopback:
+        return True
     family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
         try:
-            probe.bind((str(address), 0))
+            probe.connect((str(address), 9))
         except OSError:
             return False
-    return True
+        return ip_address(probe.getsockname()[0]) == address
 
 
 def _dual_stack_socket(port: int) -> socket.socket:

@@ -16,6 +16,7 @@ Nothing here does I/O or knows about rate limiting; :mod:`egress.policy` joins t
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import functools
 import re
 from collections.abc import Mapping, Sequence
@@ -171,6 +172,12 @@ class App:
         mode: object = self.mode
         if not isinstance(mode, Mode):
             check("mode", mode, _MODE)
+        for key, value, kind in (
+            ("limits", self.limits, Limits),
+            ("proxy_auth", self.proxy_auth, ProxyAuth),
+        ):
+            if value is not None and not isinstance(value, kind):
+                problems.append(Problem("", key, value_repr(value), f"a {kind.__name__} or None"))
         if problems:
             raise InvalidRuleSetError(problems)
 
@@ -248,8 +255,8 @@ class RuleSet:
                 [Problem(self.source, "version", value_repr(version), "an integer >= 0")]
             )
         copy = object.__new__(RuleSet)
-        for name in ("apps", "source", "_single_uids", "_range_firsts", "_ranges"):
-            object.__setattr__(copy, name, getattr(self, name))
+        for each in dataclasses.fields(self):
+            object.__setattr__(copy, each.name, getattr(self, each.name))
         object.__setattr__(copy, "version", version)
         return copy
 

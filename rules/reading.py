@@ -83,8 +83,12 @@ class Reader:
         return Table(self, data, path, name=name, present=True)
 
     def report_unknown_keys(self) -> None:
+        """Report every key no reader asked for; the end of reading (the tables are let go, so
+        the reader and its tables, which point at each other, are freed without the cycle
+        collector)."""
         for table in self.tables:
             table.report_unknown_keys()
+        self.tables.clear()
 
 
 class Table:

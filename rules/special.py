@@ -186,15 +186,6 @@ def _rfc6052_ipv4(value: int, prefixlen: int) -> int:
     return value & _LOW32  # /96: bits 96-127
 
 
-def _local_nat64_special(value: int, lengths: Iterable[int]) -> SpecialRange | None:
-    """The special range of the IPv4 address embedded at any of the given positions."""
-    for length in lengths:
-        inner = _V4_TABLE.longest(_rfc6052_ipv4(value, length))
-        if inner is not None:
-            return inner
-    return None
-
-
 def _embedded(value: int, how: _Embed) -> tuple[int, ...]:
     if how is _Embed.NAT64:
         return (value & _LOW32,)
@@ -276,10 +267,11 @@ class SpecialExceptions:
     def covers_canonical(self, ip: IPv4Address | IPv6Address) -> bool:
         """Like :meth:`covers`, for an address already normalised by :func:`effective_address`.
 
-        Opening part of the local-use NAT64 range (``64:ff9b:1::/48``) opens translation, not
-        whatever the address embeds: an opening network of length 48, 56, 64 or 96 says where
-        the IPv4 address sits (RFC 6052), any other length leaves every position possible, and a
-        special-purpose IPv4 address at such a position stays closed.
+        Opening an IPv6 range that embeds IPv4 (NAT64, 6to4, Teredo) opens the translation, not
+        whatever the address embeds: each special-purpose IPv4 address it may carry must be
+        opened too, as an IPv4 range. For the local-use NAT64 range (``64:ff9b:1::/48``) an
+        opening network of length 48, 56, 64 or 96 says where the IPv4 address sits (RFC 6052);
+        any other length leaves every position possible.
         """
         if ip.version == 4:
             return self._v4.longest(int(ip)) is not None
@@ -287,11 +279,20 @@ class SpecialExceptions:
         opened = self._v6.longest(value)
         if opened is None:
             return False
-        if ip in _NAT64_LOCAL:
+        entry = _V6_TABLE.longest(value)
+        if entry is None or isinstance(entry, SpecialRange):
+            return True
+        _, _, how = entry
+        if how is _Embed.NAT64_LOCAL:
             length = opened.prefixlen
             lengths = (length,) if length in _RFC6052_LENGTHS else _RFC6052_LENGTHS
-            return _local_nat64_special(value, lengths) is None
-        return True
+            embedded: tuple[int, ...] = tuple(_rfc6052_ipv4(value, n) for n in lengths)
+        else:
+            embedded = _embedded(value, how)
+        v4 = self._v4
+        return all(
+            _V4_TABLE.longest(inner) is None or v4.longest(inner) is not None for inner in embedded
+        )
 
     def contains_network(self, network: IPv4Network | IPv6Network) -> bool:
         """Whether all of ``network`` (normalised) lies inside one opened network.

@@ -348,6 +348,10 @@ def load_config(path: str | Path) -> Config:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
         raise ConfigError([_syntax_problem(source, text, str(error))]) from None
+    except RecursionError:  # tomllib recurses per nesting level: [[[[...]]]] runs out of stack
+        raise ConfigError(
+            [ConfigProblem(source, "", "values nested too deeply", "valid TOML")]
+        ) from None
     return parse_config(data, source=source)
 
 

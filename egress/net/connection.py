@@ -27,7 +27,7 @@ from typing import cast
 from egress.connlog import untrusted
 from egress.context import ConnectionContext
 from egress.metrics import UNKNOWN_APP
-from egress.net.dialer import DialError, Dialled
+from egress.net.dialer import DialError, Dialled, hostport
 from egress.net.relay import StreamFilter, Tunnel
 from egress.outcomes import OUTCOMES, SOCKS5_SUCCEEDED, Outcome
 from egress.policy import Verdict, evaluate
@@ -357,7 +357,10 @@ class ClientConnection(asyncio.Protocol):
                 self.app_name or UNKNOWN_APP, tunnel.bytes_up, tunnel.bytes_down
             )
         if self.outcome is None:
-            self.outcome = Outcome.ALLOWED
+            if tunnel.failure is not None:  # plain forwarding met a malformed message
+                self.outcome = failure_outcome(tunnel.failure)
+            else:
+                self.outcome = Outcome.ALLOWED
             self.detail = tunnel.end_reason if tunnel.end_reason != "closed" else None
         self.finish()
 
@@ -380,7 +383,7 @@ class ClientConnection(asyncio.Protocol):
         uid = self.uid
         detail = untrusted(self.detail)
         rule = verdict.rule if verdict is not None else None
-        dialed = None if dialled is None else _hostport(dialled.address, dialled.port)
+        dialed = None if dialled is None else hostport(dialled.address, dialled.port)
         # The line is formatted here rather than through json.dumps of a dict (a fifth of the
         # per-connection cost of logging): the same keys, in the same order, every string
         # through json's own escaper.
@@ -400,10 +403,6 @@ class ClientConnection(asyncio.Protocol):
 
 def _json_str(text: str | None) -> str:
     return "null" if text is None else encode_basestring_ascii(text)
-
-
-def _hostport(address: IPAddress, port: int) -> str:
-    return f"[{address}]:{port}" if address.version == 6 else f"{address}:{port}"
 
 
 def _identity_detail(exc: BaseException) -> str:
@@ -520,11 +519,19 @@ class _ForwardFilter:
     def failure_reply(self, error: ValueError) -> bytes:
         if self._exchange.response_started:
             return b""
+        outcome = failure_outcome(error)
         status = error.status if isinstance(error, http_proxy.HttpProxyError) else 502
         reason = error.reason if isinstance(error, http_proxy.HttpProxyError) else str(error)
         return http_proxy.render_error(
-            status, f"upstream_error: {reason}", proxy_status="http_protocol_error"
-        )
+            status, f"{outcome}: {reason}", proxy_status=OUTCOMES[outcome].proxy_status
+        )  # 502 http_protocol_error for the upstream's mistakes, 400 for the client's
+
+
+def failure_outcome(error: ValueError) -> Outcome:
+    """What a protocol error in the middle of plain forwarding ended the connection as."""
+    if isinstance(error, http_proxy.HttpProxyError):
+        return error.outcome
+    return Outcome.UPSTREAM_ERROR
 
 
 class HttpConnection(ClientConnection):
@@ -534,7 +541,7 @@ class HttpConnection(ClientConnection):
 
     def __init__(self, context: ConnectionContext) -> None:
         super().__init__(context, ListenerKind.HTTP)
-        self._parser = http_proxy.HttpProxyParser(
+        self._parser: http_proxy.HttpProxyParser | None = http_proxy.HttpProxyParser(
             max_header_bytes=self.settings.max_handshake_bytes
         )
         self._exchange: http_proxy.HttpForwardExchange | None = None
@@ -545,7 +552,7 @@ class HttpConnection(ClientConnection):
             return
         parser = self._parser
         transport = self.transport
-        assert transport is not None
+        assert transport is not None and parser is not None
         try:
             parser.receive_data(data)
             event = parser.next_event()
@@ -573,7 +580,9 @@ class HttpConnection(ClientConnection):
             self._exchange = http_proxy.HttpForwardExchange(event, parser)
             self.request_complete(event.host, event.port, b"")
         else:
-            self.request_complete(event.host, event.port, parser.trailing_data())
+            early = parser.trailing_data()
+            self._parser = None  # a tunnel needs no parser (nor the bytes h11 may still hold)
+            self.request_complete(event.host, event.port, early)
 
     def stream_filter(self) -> StreamFilter | None:
         return None if self._exchange is None else _ForwardFilter(self._exchange)

@@ -67,7 +67,7 @@ async def dial(
     for index, address in enumerate(candidates):
         left = deadline - loop.time()
         if left <= 0:
-            last = DialError(Outcome.CONNECT_TIMEOUT, f"{_hostport(address, port)}: timed out")
+            last = DialError(Outcome.CONNECT_TIMEOUT, f"{hostport(address, port)}: timed out")
             break
         upstream = UpstreamSide()
         family = socket.AF_INET if address.version == 4 else socket.AF_INET6
@@ -83,7 +83,7 @@ async def dial(
         except (OSError, TimeoutError) as exc:
             outcome = classify_connect_error(exc)
             text = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
-            last = DialError(outcome, f"{_hostport(address, port)}: {text}")
+            last = DialError(outcome, f"{hostport(address, port)}: {text}")
             continue
         return Dialled(upstream, address, port)
     if last is None:
@@ -91,5 +91,6 @@ async def dial(
     raise last
 
 
-def _hostport(address: IPv4Address | IPv6Address, port: int) -> str:
+def hostport(address: IPv4Address | IPv6Address, port: int) -> str:
+    """``"192.0.2.1:443"`` or ``"[2001:db8::1]:443"``."""
     return f"[{address}]:{port}" if address.version == 6 else f"{address}:{port}"

@@ -123,10 +123,14 @@ def peer_uid_unix(sock: socket.socket) -> int:
 
 # --- common -------------------------------------------------------------------------------------
 
-_TCP_TIME_WAIT: Final = 6  # include/net/tcp_states.h
-_TCP_LISTEN: Final = 10
-_TCP_NEW_SYN_RECV: Final = 12
-_NO_OWNER_STATES: Final = frozenset({_TCP_TIME_WAIT, _TCP_LISTEN, _TCP_NEW_SYN_RECV})
+# include/net/tcp_states.h. A client socket connected to us is ESTABLISHED, or FIN_WAIT1/2 once
+# it half-closed; in any other state (SYN_SENT above all: another socket dialling the same
+# 4-tuple) it is not the client of the connection we accepted.
+_TCP_ESTABLISHED: Final = 1
+_TCP_FIN_WAIT1: Final = 4
+_TCP_FIN_WAIT2: Final = 5
+_TCP_CLOSE_WAIT: Final = 8
+_CLIENT_STATES: Final = frozenset({_TCP_ESTABLISHED, _TCP_FIN_WAIT1, _TCP_FIN_WAIT2})
 _V4_MAPPED_PREFIX: Final = b"\x00" * 10 + b"\xff\xff"  # ::ffff:0:0/96
 
 
@@ -139,14 +143,17 @@ class SocketOwner:
 
 
 def _owner(state: int, uid: int, inode: int) -> SocketOwner | None:
-    """The owner a matching socket reports, or None when it reports none.
+    """The owner a matching socket reports, or None when it is no connected client's.
 
-    ``TIME_WAIT`` sockets (and orphaned ``FIN_WAIT2`` ones the kernel turned into time-wait
-    minisocks, which report state ``FIN_WAIT2``) carry no owner: the kernel reports uid 0 and
-    inode 0 for them. Treating that as root would be wrong, so uid 0 with inode 0 is "no owner";
-    a root socket whose descriptor is already closed looks the same and is dropped too.
+    Only the states of a client connected to us count (``_CLIENT_STATES``): a listener, a
+    ``TIME_WAIT`` socket, or a socket still dialling (``SYN_SENT``, which may be another app's
+    socket taking a 4-tuple over) is not the client of an accepted connection. Orphaned
+    ``FIN_WAIT2`` sockets the kernel turned into time-wait minisocks report state ``FIN_WAIT2``
+    but no owner, uid 0 and inode 0: treating that as root would be wrong, so uid 0 with inode
+    0 is "no owner"; a root socket whose descriptor is already closed looks the same and is
+    dropped too.
     """
-    if state in _NO_OWNER_STATES or (uid == 0 and inode == 0):
+    if state not in _CLIENT_STATES or (uid == 0 and inode == 0):
         return None
     return SocketOwner(uid=int(uid), inode=int(inode))
 
@@ -410,9 +417,6 @@ class ProcNetTcpLookup:
 
 # --- bound to the accepted connection ------------------------------------------------------
 
-_TCP_ESTABLISHED: Final = 1  # include/net/tcp_states.h
-_TCP_CLOSE_WAIT: Final = 8  # the client half-closed: its socket still exists, the tuple is held
-
 
 class IdentityUnconfirmedError(OSError):
     """The accepted connection was gone before its owner could be confirmed.
@@ -431,6 +435,7 @@ def _still_connected(sock: Any) -> bool:
     one, so a lookup made before this check described our client.
     """
     state = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+    # CLOSE_WAIT: the client half-closed; its socket still exists and holds the tuple.
     return state in (_TCP_ESTABLISHED, _TCP_CLOSE_WAIT)
 
 

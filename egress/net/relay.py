@@ -136,6 +136,7 @@ class Tunnel:
         "bytes_down",
         "bytes_up",
         "end_reason",
+        "failure",
         "last_activity",
     )
 
@@ -167,6 +168,7 @@ class Tunnel:
         self.bytes_up = 0
         self.bytes_down = 0
         self.end_reason: str | None = None
+        self.failure: ValueError | None = None  # the stream filter's protocol error, if any
         self.last_activity = self._loop.time()
         upstream_side._tunnel = self
         client.set_protocol(ClientSide(self))
@@ -323,9 +325,10 @@ class Tunnel:
 
     def _filter_failed(self, error: ValueError) -> None:
         assert self._filter is not None
+        self.failure = error
         reply = self._filter.failure_reply(error)
-        if reply and not self._client_lost:
-            self._client.write(reply)
+        if reply:
+            self._write_down(reply)
         self._finish(f"protocol error: {error}"[:120])
 
     def _finish(self, reason: str) -> None:

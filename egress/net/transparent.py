@@ -16,7 +16,7 @@ from typing import Any
 
 from egress.context import ConnectionContext
 from egress.net.connection import ClientConnection, ListenerKind
-from egress.net.dialer import Dialled
+from egress.net.dialer import Dialled, hostport
 from egress.outcomes import Outcome
 
 # linux/netfilter_ipv4.h SO_ORIGINAL_DST and linux/netfilter_ipv6/ip6_tables.h
@@ -35,7 +35,9 @@ def original_destination(sock: Any) -> tuple[IPv4Address | IPv6Address, int]:
     """Where the redirected client meant to connect, from conntrack.
 
     ``sock`` is the accepted socket (or an asyncio/uvloop transport socket wrapper). IPv4
-    clients, including v4-mapped ones on a dual-stack listener, are asked at SOL_IP.
+    clients, including v4-mapped ones on a dual-stack listener, are asked at SOL_IP. Raises
+    :class:`OriginalDestinationError` for a connection that was not redirected, ``OSError``
+    for one already gone (reset before we got to it).
     """
     peer = sock.getpeername()
     mapped = sock.family == socket.AF_INET6 and peer[0].startswith("::ffff:")
@@ -56,25 +58,27 @@ def original_destination(sock: Any) -> tuple[IPv4Address | IPv6Address, int]:
 class TransparentConnection(ClientConnection):
     """A redirected client: identity and destination from the kernel, then the common path."""
 
-    __slots__ = ("_original",)
+    __slots__ = ("_gone", "_original")
 
     def __init__(self, context: ConnectionContext) -> None:
         super().__init__(context, ListenerKind.TRANSPARENT)
         self._original: tuple[IPv4Address | IPv6Address, int] | None = None
+        self._gone = False
 
     def connection_made(self, transport: Any) -> None:
         try:
             self._original = original_destination(transport.get_extra_info("socket"))
         except OriginalDestinationError:
             self._original = None
+        except (OSError, AttributeError):  # reset before we got to it (or no socket left)
+            self._gone = True
         else:
-            address, port = self._original
-            self.destination = (
-                f"[{address}]:{port}" if address.version == 6 else f"{address}:{port}"
-            )
+            self.destination = hostport(*self._original)
         super().connection_made(transport)
 
     def precheck(self) -> tuple[Outcome, str] | None:
+        if self._gone:
+            return Outcome.CLIENT_CLOSED, "the client was gone before it could be looked at"
         if self._original is None:
             return Outcome.BAD_REQUEST, "not a redirected connection"
         if self.ctx.is_own_listener(*self._original):

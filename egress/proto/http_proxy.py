@@ -230,7 +230,8 @@ class HttpProxyParser:
         return result
 
     def trailing_data(self) -> bytes:
-        """Bytes after a CONNECT request head (e.g. an early TLS ClientHello) to send upstream."""
+        """Bytes after a CONNECT request head (e.g. an early TLS ClientHello) to send upstream
+        (all of them, as h11 reports them; a driver done with the parser drops it)."""
         if self._buffer is not None:
             return bytes(self._buffer)
         assert self._conn is not None
@@ -579,7 +580,7 @@ def _fail(status: int, reason: str) -> NoReturn:
 
 
 def _upstream_error(reason: str) -> HttpProxyError:
-    return HttpProxyError(502, reason, outcome=Outcome.UPSTREAM_ERROR)
+    return HttpProxyError(502, reason, outcome=Outcome.UPSTREAM_PROTOCOL_ERROR)
 
 
 def _one_line(text: str, limit: int = 200) -> str:

@@ -163,7 +163,7 @@ def test_sighup_reloads_rules_and_keeps_them_on_a_bad_file(setup: dict[str, Any]
     rejected = proxy.wait_log(
         lambda e: e.get("msg", "").startswith("reload rejected"), "reload rejected"
     )
-    assert "bogus_key" in rejected["problems"]
+    assert any("bogus_key" in problem for problem in rejected["problems"])
     assert child_connect(APP_UID, setup["socks"], echo.port)[0] == 2
     metrics = scrape(setup["admin"])
     assert 'egress_config_reloads_total{result="ok"} 1.0' in metrics
@@ -248,6 +248,28 @@ def test_a_failed_start_is_one_json_error_line_and_exit_2(tmp_path: Path) -> Non
     assert error["msg"] == "cannot start"
     assert f"proxy.socks5_listen: cannot listen on 127.0.0.1:{port}" in error["error"]
     assert not [e for e in lines if e["msg"] in ("listening", "draining", "proxy stopped")]
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "said"),
+    [
+        ("connection_log", "/nonexistent-dir/conn.log", "log.connection_log: cannot open"),
+        ("unix_socket", "/proc/egress-test/socks.sock", "proxy.unix_socket: cannot listen"),
+    ],
+)
+def test_a_path_that_cannot_be_used_fails_the_start_in_one_line(
+    tmp_path: Path, key: str, value: str, said: str
+) -> None:
+    config = tmp_path / "egress.toml"
+    data = proxy_config(free_port(), free_port(), ["127.0.0.1:1"], tmp_path / "conn.log")
+    section = "log" if key == "connection_log" else "proxy"
+    data[section][key] = value
+    write_config(config, data)
+    result = run_egress("proxy", "--config", str(config))
+    assert result.returncode == 2, result.stderr
+    (error,) = [json.loads(line) for line in result.stderr.splitlines()]  # one JSON line
+    assert error["msg"] == "cannot start"
+    assert said in error["error"] and value in error["error"]
 
 
 def test_a_bad_config_at_start_is_one_json_error_line_with_every_problem(tmp_path: Path) -> None:

@@ -842,6 +842,9 @@ def test_plain_http_forwarding_malformed_response_is_a_502(loop_kind: str, tmp_p
         assert response.startswith(b"HTTP/1.1 502")
         assert b"Proxy-Status: egress; error=http_protocol_error" in response
         assert record["error"].startswith("protocol error")
+        # Counted as what it was, and the reply's bytes are what the client got.
+        assert (record["decision"], record["reason"]) == ("error", "upstream_protocol_error")
+        assert record["bytes_down"] == len(response)
 
     run(loop_kind, main())
 

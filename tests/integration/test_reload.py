@@ -6,7 +6,9 @@ rewriting the config file, with real listeners, real DNS stubs and real upstream
 
 from __future__ import annotations
 
+import asyncio
 import copy
+import gc
 import json
 import logging
 from pathlib import Path
@@ -186,6 +188,8 @@ def test_opening_a_special_range_recompiles_the_rules(loop_kind: str, tmp_path: 
                 first, second = await proxy.wait_records(2)
         assert first["reason"] == "special_address"
         assert second["reason"] == "allowed"
+        # One version names one policy: the same apps under other exceptions are a new one.
+        assert (first["rules_version"], second["rules_version"]) == (1, 2)
 
     run(loop_kind, main())
 
@@ -214,3 +218,87 @@ def test_logrotate_moves_the_log_and_sighup_reopens_it(loop_kind: str, tmp_path:
         assert after[0]["ts"] >= json.loads(before[0])["ts"]
 
     run(loop_kind, main())
+
+
+def test_a_file_that_breaks_the_parser_changes_nothing(loop_kind: str, tmp_path: Path) -> None:
+    """Whatever the file holds, a reload never takes the running proxy down."""
+
+    async def main() -> None:
+        async with EchoUpstream() as upstream:
+            data = loopback(upstream.port)
+            async with running_proxy(data, tmp_path) as proxy:
+                path = Path(proxy.runtime.config.source)
+                path.write_text(path.read_text() + "\nx = " + "[" * 5000 + "]" * 5000 + "\n")
+                assert not await proxy.runtime.reload()
+                assert await connect_code(proxy, "127.0.0.1", upstream.port) == 0
+                errors = proxy.runtime.metrics.registry.get_sample_value(
+                    "egress_config_reloads_total", {"result": "error"}
+                )
+        assert errors == 1.0
+
+    run(loop_kind, main())
+
+
+def test_reloads_under_load_leave_nothing_frozen_behind(tmp_path: Path) -> None:
+    """After each install the survivors are frozen out of the collector's way (uvloop); none of
+    the proxy's garbage may be among them: once unfrozen, a collection finds none of its objects
+    (config reading, rules, connections, transports), however many tunnels were open during the
+    reloads and have closed since."""
+
+    mine: set[int] = set()  # ids of this test's loop and the proxy's transports
+
+    async def main() -> list[object]:
+        mine.add(id(asyncio.get_running_loop()))
+        async with EchoUpstream() as upstream:
+            data = loopback(upstream.port)
+            data["app"] += [  # enough of a config that its reading outlives the young generations
+                {"name": f"app{i}", "uids": [str(20000 + i)], "allow": [f"a{i}.example.com:443"]}
+                for i in range(3000)
+            ]
+            async with running_proxy(data, tmp_path) as proxy:
+                data["log"]["connection_log"] = str(proxy.log_path)
+                tunnels = []
+                for _ in range(50):
+                    reader, writer = await open_as_uid(APP_UID, *proxy.address(ListenerKind.SOCKS5))
+                    assert await socks5_connect(reader, writer, "127.0.0.1", upstream.port) == 0
+                    tunnels.append(writer)
+                frozen = gc.get_freeze_count()
+                for round_ in range(3):  # the rules change each time: three installs
+                    changed = copy.deepcopy(data)
+                    changed["app"][0]["allow"].append(f"api{round_}.example.com:443")
+                    write_config(Path(proxy.runtime.config.source), changed)
+                    gc.collect()  # the test's own garbage (tomlkit's) is not the proxy's
+                    assert await proxy.runtime.reload()
+                assert gc.get_freeze_count() > frozen  # it did freeze (uvloop)
+                for connection in proxy.connections():
+                    mine.add(id(connection.transport))
+                    if connection.dialled is not None:
+                        mine.add(id(connection.dialled.upstream.transport))
+                for writer in tunnels:
+                    writer.close()
+                await proxy.wait_records(50)
+        gc.collect()  # garbage made since the last freeze is collected as usual ...
+        gc.unfreeze()
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        try:
+            gc.collect()  # ... what is left had been frozen
+            return list(gc.garbage)
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+
+    gc.collect()
+    try:
+        garbage = run("uvloop", main())
+    finally:
+        gc.unfreeze()
+    # The proxy's own objects; earlier tests' loops and transports may die late in this
+    # process and are not this test's business.
+    ours = sorted(
+        {
+            f"{type(o).__module__}.{type(o).__qualname__}"
+            for o in garbage
+            if type(o).__module__.split(".")[0] in ("egress", "rules") or id(o) in mine
+        }
+    )
+    assert ours == [], f"frozen garbage of the proxy: {ours}"

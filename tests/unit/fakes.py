@@ -566,14 +566,16 @@ class Harness:
         settings: ProxySettings | None = None,
         snapshot: PolicySnapshot | None = None,
         connlog_path: Path | None = None,
+        max_connections: int = 10000,
+        max_handshakes_per_app: int = 64,
     ) -> None:
         self.loop = asyncio.get_running_loop()
         self.settings = settings or ProxySettings()
         self.metrics = ProxyMetrics()
         self.registry = SpyRegistry(
             self.metrics,
-            max_connections=self.settings.max_connections,
-            max_handshakes_per_app=self.settings.max_handshakes_per_app,
+            max_connections=max_connections,
+            max_handshakes_per_app=max_handshakes_per_app,
         )
         self.connlog_path = connlog_path
         self.file_log = ConnectionLog(str(connlog_path)) if connlog_path is not None else None

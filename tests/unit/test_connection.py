@@ -211,7 +211,7 @@ def test_refused_at_accept_without_a_byte(
 
 def test_over_max_connections_is_refused_before_identification() -> None:
     async def main() -> None:
-        h = Harness(settings=ProxySettings(max_connections=2))
+        h = Harness(max_connections=2)
         held = [h.accept(Socks5Connection)[1] for _ in range(2)]
         assert h.open_connections == 2
         _, refused = h.accept(Socks5Connection)
@@ -238,7 +238,7 @@ def test_over_max_connections_is_refused_before_identification() -> None:
 
 def test_over_max_handshakes_per_app_is_refused_and_other_apps_are_not() -> None:
     async def main() -> None:
-        h = Harness(settings=ProxySettings(max_handshakes_per_app=1))
+        h = Harness(max_handshakes_per_app=1)
         _, first = h.accept(Socks5Connection)
         _, second = h.accept(Socks5Connection)
         assert second.aborted and not first.is_closing()
@@ -531,6 +531,28 @@ def test_transparent_connection_that_was_not_redirected_is_refused() -> None:
         assert client.aborted and client.written == b""
         assert h.identify.remotes == []
         assert (record["reason"], record["error"]) == ("bad_request", "not a redirected connection")
+        assert_released(h)
+
+    run(main())
+
+
+class _GoneSocket(FakeSocket):
+    """A socket whose client reset before the protocol saw it: no peer name any more."""
+
+    def getpeername(self) -> tuple[str, int]:
+        raise OSError(errno.ENOTCONN, "Transport endpoint is not connected")
+
+
+def test_transparent_client_gone_before_connection_made_is_logged_not_raised() -> None:
+    async def main() -> None:
+        h = Harness()
+        extra = {"socket": _GoneSocket(original=(API, 443)), "peername": None}
+        _, client = h.accept(TransparentConnection, extra=extra)
+        [record] = await h.log.wait_for(1)
+        assert client.aborted
+        assert h.identify.remotes == []
+        assert (record["decision"], record["reason"]) == ("error", "client_closed")
+        assert record["ts"] > 0 and record["duration_ms"] < 60_000
         assert_released(h)
 
     run(main())

@@ -132,3 +132,16 @@ def test_evaluate_awaits_only_to_resolve() -> None:
     assert asked == ["api.example.com"]
     assert named.outcome is Outcome.ALLOWED
     assert hopeless.outcome is Outcome.NOT_ALLOWED
+
+
+def test_transparent_names_prefer_an_exact_rule_over_a_wildcard() -> None:
+    """Every cached name of an address is looked at: an exact host rule (which may reach an
+    opened special range) decides over a wildcard rule that matched another name first."""
+    app = policy(["*.cdn.example:443", "db.example.com:443"], opened=["10.8.0.0/16"])
+    address = ip_address("10.8.0.9")
+    names = ["a.cdn.example", "db.example.com"]  # sorted: the wildcard's name comes first
+    verdict = first_step(app, address, 443, names_for=lambda _: names)
+    assert isinstance(verdict, Verdict)
+    assert (verdict.outcome, verdict.rule) == (Outcome.ALLOWED, "db.example.com:443")
+    only_wildcard = first_step(app, address, 443, names_for=lambda _: names[:1])
+    assert only_wildcard.outcome is Outcome.SPECIAL_ADDRESS  # type: ignore[union-attr]

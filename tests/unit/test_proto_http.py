@@ -835,7 +835,7 @@ def test_exchange_bad_upstream_response(raw: bytes) -> None:
     with pytest.raises(HttpProxyError) as info:
         exchange.upstream_data(raw)
     assert info.value.status == 502
-    assert info.value.outcome == Outcome.UPSTREAM_ERROR
+    assert info.value.outcome == Outcome.UPSTREAM_PROTOCOL_ERROR
 
 
 @pytest.mark.parametrize(

@@ -203,3 +203,23 @@ def test_exceptions_list_every_bad_entry() -> None:
     assert "'ok.example' is not an IP network" in message
     assert "'127.1' is not an IP network" in message
     assert "10.8.0.0/16" not in message
+
+
+@pytest.mark.parametrize(
+    ("opened", "address", "covered"),
+    [
+        # Opening a translation prefix does not open the special IPv4 address it carries ...
+        (["64:ff9b::/96"], "64:ff9b::a00:1", False),  # 10.0.0.1
+        (["2002::/16"], "2002:a9fe:a9fe::1", False),  # 169.254.169.254
+        (["2001::/32"], "2001:0:4136:e378:8000:63bf:f5ff:fffe", False),  # Teredo client 10.0.0.1
+        # ... an IPv4 opening of that address does (the rules must still name it) ...
+        (["64:ff9b::/96", "10.0.0.0/8"], "64:ff9b::a00:1", True),
+        # ... and a public address behind the prefix needs no IPv4 opening.
+        (["64:ff9b::/96"], "64:ff9b::5db8:d70e", True),
+    ],
+    ids=repr,
+)
+def test_opening_a_translation_prefix_keeps_what_it_embeds_closed(
+    opened: list[str], address: str, covered: bool
+) -> None:
+    assert SpecialExceptions.parse(opened).covers(ip_address(address)) is covered
