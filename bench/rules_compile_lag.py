@@ -52,17 +52,16 @@ Columns of the per-loop table:
 ``parse ms`` / ``compile ms``
     the two halves of the work, where they are separate: parse = ``load_config`` (in the
     thread from ``c`` on), compile = ``PolicySnapshot.build`` (``b``) or offer -> holder idle
-    (for ``d``: publish -> holder idle);
+    (for ``d``: the whole reload);
 ``gc2 n / max ms``
     full (generation 2) collections during the work, and the longest, in any thread: a
     collection holds the GIL from start to end, so one in the parsing thread stalls the loop
     just as much as one on the loop.
 
-Under the table, the three worst lags of every phase from ``c`` on (but ``d1``) are listed with
-what overlapped them: collections (``gc2`` full ones, ``gc0``/``gc1`` those of 1 ms or more, and
-in which thread), ``publish`` (the
-``FileRuleSource.publish`` call, on the loop) and ``swap`` (the holder swapped the new snapshot
-in, dropping the last reference to the old one, on the loop, just before that moment).
+Under the table, the three worst lags of every phase from ``c`` on are listed with what
+overlapped them: collections (``gc2`` full ones, ``gc0``/``gc1`` those of 1 ms or more, and in
+which thread) and ``swap`` (the holder swapped the new snapshot in, on the loop, just before
+that moment).
 
 The run ends with the pieces timed alone (median of 3, no heartbeat): TOML parse, config
 checks, ``RuleSet`` constructor, app-tuple equality, compile, freeing a snapshot, one full
@@ -291,7 +290,7 @@ def ms_since(t0: float) -> float:
 
 
 MARKS: list[tuple[str, float, float]] = []
-"""Named moments or spans of the work (``swap``, ``publish``) to explain lags with."""
+"""Named moments or spans of the work (``swap``) to explain lags with."""
 
 
 def mark(label: str, t0: float, t1: float | None = None) -> None:
@@ -593,10 +592,10 @@ def report(loop_name: str, results: list[PhaseResult]) -> str:
     out = [f"loop: {loop_name}   (lag = ms late past a 1 ms sleep)", table(headers, rows)]
     out.append(
         "worst lags, and what overlapped them: collections (gc2 full, gc0/gc1 >= 1 ms; "
-        "in which thread), FileRuleSource.publish, the holder's swap"
+        "in which thread), the holder's swap"
     )
     for r in results:
-        if r.name.startswith(("a", "b", "d1")):
+        if r.name.startswith(("a", "b")):
             continue
         worst = sorted(r.beats, key=lambda b: b.lag_ms, reverse=True)[:3]
         parts = []
