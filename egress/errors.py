@@ -6,9 +6,7 @@ connection is a normal return value, never one of these.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
-from rules.problems import Problem, value_repr
+from rules.problems import InvalidRuleSetError, Problem, value_repr
 
 __all__ = ["ConfigError", "ConfigProblem", "EgressError", "value_repr"]
 
@@ -22,14 +20,6 @@ ConfigProblem = Problem
 rules reports with, so a config file and a rule store describe a mistake the same way."""
 
 
-class ConfigError(EgressError):
-    """A config file could not be used. Carries every problem found, not just the first."""
-
-    problems: tuple[ConfigProblem, ...]
-
-    def __init__(self, problems: Iterable[ConfigProblem]) -> None:
-        self.problems = tuple(problems)
-        super().__init__(self.problems)
-
-    def __str__(self) -> str:
-        return "\n".join(str(problem) for problem in self.problems)
+class ConfigError(EgressError, InvalidRuleSetError):
+    """A config file could not be used. Carries every problem found, not just the first (as
+    :class:`rules.problems.InvalidRuleSetError` does for a rule set from anywhere)."""
