@@ -827,18 +827,11 @@ def test_plain_http_forwarding_malformed_response_is_a_502(loop_kind: str, tmp_p
             await writer.drain()
             writer.close()
 
-        server = await asyncio.start_server(origin, "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
-        try:
-            async with running_proxy(loopback_config(port), tmp_path) as proxy:
-                reader, writer = await open_as_uid(APP_UID, *proxy.address(ListenerKind.HTTP))
-                writer.write(f"GET http://127.0.0.1:{port}/ HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-                response = await asyncio.wait_for(reader.read(), 5)
-                await close(writer)
-                (record,) = await proxy.wait_records(1)
-        finally:
-            server.close()
-            await server.wait_closed()
+        response, record = await forward(
+            tmp_path,
+            origin,
+            lambda port: f"GET http://127.0.0.1:{port}/ HTTP/1.1\r\nHost: x\r\n\r\n".encode(),
+        )
         assert response.startswith(b"HTTP/1.1 502")
         assert b"Proxy-Status: egress; error=http_protocol_error" in response
         assert record["error"].startswith("protocol error")
