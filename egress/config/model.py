@@ -32,7 +32,8 @@ class LogLevel(StrEnum):
 
 
 class RuleStore(StrEnum):
-    FILE = "file"  # the [[app]] tables of this file; "redis" is planned, not yet available
+    FILE = "file"  # the [[app]] tables of this file
+    REDIS = "redis"  # shared by every node: [redis].url, keys under [rules].redis_prefix
 
 
 class RatelimitBackend(StrEnum):
@@ -188,6 +189,11 @@ class SecurityConfig:
 @dataclass(frozen=True, slots=True)
 class RulesConfig:
     store: RuleStore = RuleStore.FILE
+    version: int = 0  # file store: the version of the [[app]] tables (`egress rules` bumps it)
+    redis_prefix: str = "egress"  # Redis keys are "{<prefix>}:rules:..." (one Cluster slot)
+    check_interval: float = 2.0  # the change feed's backstop: compare versions this often
+    audit_max_records: int = 10_000  # the audit trail keeps this many newest records
+    audit_log: Path | None = None  # file store's audit trail; None: "<config>.audit.jsonl"
 
 
 @dataclass(frozen=True, slots=True)

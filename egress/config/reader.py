@@ -203,12 +203,28 @@ def _read_security(t: Table) -> SecurityConfig:
     return SecurityConfig(allow_special=allowed, special_exceptions=exceptions)
 
 
-def _rule_store(raw: Any) -> RuleStore:
-    if raw == "redis":
-        raise RejectedError(
-            '"file"', 'the "redis" store is not available in this version yet; use "file"'
-        )
-    return choice(RuleStore)(raw)
+def _redis_prefix(raw: Any) -> str:
+    if not isinstance(raw, str) or not re.fullmatch(r"[A-Za-z0-9_.:-]{1,64}", raw):
+        raise RejectedError("1 to 64 characters of A-Z, a-z, 0-9, '_', '.', ':' and '-'")
+    return raw
+
+
+def _audit_log(raw: Any) -> Path:
+    return Path(non_empty_string(raw))
+
+
+def _read_rules(t: Table) -> RulesConfig:
+    d = RulesConfig()
+    return RulesConfig(
+        store=t.value("store", choice(RuleStore), d.store),
+        version=t.value("version", integer(0, 2**63 - 1), d.version),
+        redis_prefix=t.value("redis_prefix", _redis_prefix, d.redis_prefix),
+        check_interval=t.value("check_interval", _seconds, d.check_interval),
+        audit_max_records=t.value(
+            "audit_max_records", integer(10, 10_000_000), d.audit_max_records
+        ),
+        audit_log=t.value("audit_log", _audit_log, d.audit_log),
+    )
 
 
 def _read_admin(t: Table) -> AdminConfig:
@@ -279,8 +295,7 @@ def parse_config(data: Mapping[str, Any], *, source: str) -> Config:
     proxy = _read_proxy(root.table("proxy"))
     resolver = _read_resolver(root.table("resolver"))
     security = _read_security(root.table("security"))
-    rules_section = root.table("rules")
-    rules = RulesConfig(store=rules_section.value("store", _rule_store, RuleStore.FILE))
+    rules = _read_rules(root.table("rules"))
     ratelimit_section = root.table("ratelimit")
     ratelimit = RatelimitConfig(
         backend=ratelimit_section.value(
@@ -301,7 +316,11 @@ def parse_config(data: Mapping[str, Any], *, source: str) -> Config:
         level=log_section.value("level", choice(LogLevel), LogLevel.INFO),
         connection_log=log_section.value("connection_log", non_empty_string, "-"),
     )
-    ruleset = read_rule_set(reader, root.tables("app", name="[[app]]", expected="[[app]] tables"))
+    ruleset = read_rule_set(
+        reader,
+        root.tables("app", name="[[app]]", expected="[[app]] tables"),
+        version=rules.version,
+    )
 
     if firewall.mode is FirewallMode.TRANSPARENT and proxy.transparent_listen is None:
         reader.report(
@@ -311,6 +330,13 @@ def parse_config(data: Mapping[str, Any], *, source: str) -> Config:
             "transparent mode redirects sandbox traffic to proxy.transparent_listen",
         )
     _check_listeners(reader, proxy, admin)
+    if rules.store is RuleStore.REDIS and ruleset is not None and len(ruleset):
+        reader.report(
+            "[[app]]",
+            f"{len(ruleset)} app tables",
+            'no [[app]] tables when rules.store = "redis" (the apps live in Redis)',
+            "seed the store once with `egress rules import FILE --config THIS_FILE`",
+        )
     reader.report_unknown_keys()
     if reader.problems:
         raise ConfigError(reader.problems)
