@@ -23,6 +23,7 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
+    Histogram,
     Info,
     PlatformCollector,
     ProcessCollector,
@@ -243,6 +244,25 @@ class ProxyMetrics:
             "Unix time the rules snapshot in force was installed.",
             registry=r,
         )
+        self.rules_apps = Gauge(
+            "egress_rules_apps", "Apps in the rules snapshot in force.", registry=r
+        )
+        self.rules_propagation_seconds = Histogram(
+            "egress_rules_propagation_seconds",
+            "From a rule store commit (the store's clock) to its snapshot in force here.",
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+            registry=r,
+        )
+        self.rules_revoked = Counter(
+            "egress_rules_revoked_tunnels",
+            "Open tunnels closed because an edit with revoke no longer allowed them.",
+            registry=r,
+        )
+        self.rule_store_up = Gauge(
+            "egress_rule_store_up",
+            "1 when the shared rule store answered the last check, 0 when not (file: 1).",
+            registry=r,
+        )
 
     def connection(self, app: str, listener: str, decision: str, reason: str) -> None:
         key = (app, listener, decision, reason)  # StrEnum values are str: no conversion
@@ -282,7 +302,12 @@ class ProxyMetrics:
     def rules_update(self, *, ok: bool) -> None:
         self._rules_updates.labels("ok" if ok else "error").inc()
 
-    def rules_installed(self, version: int, seconds: float) -> None:
+    def rules_propagated(self, seconds: float) -> None:
+        self.rules_propagation_seconds.observe(seconds)
+
+    def rules_installed(self, version: int, seconds: float, *, apps: int | None = None) -> None:
+        if apps is not None:
+            self.rules_apps.set(apps)
         self.rules_version.set(version)
         self.rules_compile_seconds.set(seconds)
         self.rules_last_update_success.set(time.time())

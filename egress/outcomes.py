@@ -47,6 +47,7 @@ class Outcome(StrEnum):
     UPSTREAM_ERROR = "upstream_error"
     UPSTREAM_PROTOCOL_ERROR = "upstream_protocol_error"
     SHUTTING_DOWN = "shutting_down"
+    REVOKED = "revoked"
 
 
 class DecisionLabel(StrEnum):
@@ -178,6 +179,9 @@ OUTCOMES: Final[Mapping[Outcome, Row]] = MappingProxyType(
         ),
         Outcome.SHUTTING_DOWN: Row(
             _R, SOCKS5_GENERAL_FAILURE, 503, "proxy_internal_error", "the proxy is shutting down"
+        ),
+        Outcome.REVOKED: Row(
+            _D, None, None, None, "a rules edit with revoke no longer allows this tunnel"
         ),
     }
 )

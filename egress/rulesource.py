@@ -13,18 +13,23 @@ snapshot and is counted; an update older than the current version is ignored.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 from egress.gcpolicy import freeze_long_lived, full_collections_deferred
 from egress.metrics import ProxyMetrics
 from rules.apps import RuleSet
+from rules.problems import InvalidRuleSetError
 from rules.snapshot import PolicySnapshot, SnapshotBuilder
 from rules.special import SpecialExceptions
+from rules.stores.base import RuleStore, StoreState
+from rules.stores.errors import StoreError
 
-__all__ = ["FileRuleSource", "RuleSource", "SnapshotHolder"]
+__all__ = ["FileRuleSource", "RuleSource", "RulesUpdate", "SnapshotHolder", "StoreRuleSource"]
 
 log = logging.getLogger("egress.rules")
 
@@ -34,14 +39,26 @@ _APPS_PER_STEP = 16
 _RETIRED_PER_STEP = 256  # old apps freed per loop turn after a swap
 
 
+@dataclass(frozen=True, slots=True)
+class RulesUpdate:
+    """A rule set to install; ``revoke``: close the tunnels it no longer allows (an operator
+    asked for that on some edit since the last update); ``committed_at``: when the store
+    committed it (its clock, Unix seconds), for the propagation-lag metric."""
+
+    rule_set: RuleSet
+    revoke: bool = False
+    committed_at: float | None = None
+
+
 class RuleSource(Protocol):
     """Yields every new rule set, the current one first."""
 
-    def updates(self) -> AsyncIterator[RuleSet]: ...
+    def updates(self) -> AsyncIterator[RulesUpdate]: ...
 
 
 class FileRuleSource:
-    """The ``[[app]]`` tables of the config file, versioned by this process.
+    """The ``[[app]]`` tables of the config file, versioned by this process (never behind the
+    file's ``[rules].version``).
 
     The runtime reads the file (at start and on SIGHUP) and :meth:`publish`-es the rule set it
     found; a set equal to the current one is not a new version.
@@ -63,7 +80,9 @@ class FileRuleSource:
         :meth:`publish`-es the result on the loop."""
         if not always and rule_set.apps == self._latest.apps:
             return None
-        return rule_set.with_version(self._latest.version + 1)
+        # The file's own [rules].version (bumped by `egress rules` edits) when it is ahead, so
+        # the version in force matches the one the edit printed; else one more than ours.
+        return rule_set.with_version(max(self._latest.version + 1, rule_set.version))
 
     def publish(self, prepared: RuleSet) -> None:
         """Make a rule set from :meth:`prepare` the latest (on the event loop)."""
@@ -72,12 +91,116 @@ class FileRuleSource:
         self._latest = prepared
         self._changed.set()
 
-    async def updates(self) -> AsyncIterator[RuleSet]:
-        yield self._latest
+    async def updates(self) -> AsyncIterator[RulesUpdate]:
+        yield RulesUpdate(self._latest)
         while True:
             await self._changed.wait()
             self._changed.clear()
-            yield self._latest
+            yield RulesUpdate(self._latest)
+
+
+class StoreRuleSource:
+    """A shared store (Redis): every committed version, heard through the store's change feed,
+    with a version check every ``check_interval`` seconds as the backstop for a lost message
+    or a restarted store. A read that fails (store down, a bad app in the store) keeps what
+    was last yielded, is counted and logged, and is tried again at the next check."""
+
+    def __init__(
+        self,
+        store: RuleStore,
+        metrics: ProxyMetrics,
+        *,
+        check_interval: float,
+        retry_interval: float = 1.0,
+    ) -> None:
+        self.store = store
+        self._metrics = metrics
+        self._check_interval = check_interval
+        self._retry_interval = retry_interval
+        self._latest: StoreState | None = None
+        self._hint = asyncio.Event()
+        self.reachable = False
+
+    @property
+    def loaded(self) -> bool:
+        return self._latest is not None
+
+    async def first(self, timeout: float) -> StoreState | None:
+        """The store's state for start-up, or ``None`` when it cannot be read in time (the
+        proxy starts anyway, denying everyone, and keeps trying)."""
+        try:
+            async with asyncio.timeout(timeout):
+                return await self._read()
+        except (StoreError, InvalidRuleSetError, TimeoutError) as error:
+            self._failed(error)
+            return None
+
+    async def updates(self) -> AsyncIterator[RulesUpdate]:
+        async with asyncio.TaskGroup() as group:
+            feed = group.create_task(self._listen(), name="rules change feed")
+            try:
+                if self._latest is not None:
+                    yield RulesUpdate(self._latest.rule_set, False, self._latest.committed_at)
+                while True:
+                    update = await self._next()
+                    if update is not None:
+                        yield update
+            finally:
+                feed.cancel()
+
+    async def _next(self) -> RulesUpdate | None:
+        interval = self._check_interval if self.reachable else self._retry_interval
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(interval):
+                await self._hint.wait()
+        self._hint.clear()
+        before = self._latest
+        try:
+            if before is not None and await self.store.version() == before.version:
+                self.reachable = True
+                return None
+            state = await self._read()
+        except (StoreError, InvalidRuleSetError) as error:
+            self._failed(error)
+            return None
+        if before is not None and state.version <= before.version:
+            return None
+        revoke = before is None or state.revoke_version > before.version
+        return RulesUpdate(state.rule_set, revoke and before is not None, state.committed_at)
+
+    async def _read(self) -> StoreState:
+        state = await self.store.read()
+        self._latest = state
+        if not self.reachable:
+            log.info("rule store reachable", extra={"store": self.store.name})
+        self.reachable = True
+        return state
+
+    def _failed(self, error: BaseException) -> None:
+        self._metrics.rules_update(ok=False)
+        if isinstance(error, InvalidRuleSetError):
+            self.reachable = True
+            log.error(
+                "the rule store holds an invalid rule set; keeping the previous rules",
+                extra={"store": self.store.name, "problems": [str(p) for p in error.problems]},
+            )
+            return
+        if self.reachable or self._latest is None:
+            log.error(
+                "rule store unreachable; keeping the rules in force",
+                extra={"store": self.store.name, "error": str(error) or type(error).__name__},
+            )
+        self.reachable = False
+
+    async def _listen(self) -> None:
+        """Turn change-feed messages into hints; the backend reconnects on its own."""
+        while True:
+            try:
+                async for _ in self.store.backend.changes():
+                    self._hint.set()
+            except StoreError:
+                pass
+            await asyncio.sleep(self._retry_interval)
 
 
 class SnapshotHolder:
@@ -94,13 +217,18 @@ class SnapshotHolder:
         self._metrics = metrics
         self._slice = slice_seconds
         self._pending_rules: RuleSet | None = None
+        self._pending_revoke = False
+        self._pending_committed_at: float | None = None
+        self.on_installed: Callable[[PolicySnapshot, bool], None] | None = None
+        """Called after each swap with the new snapshot and whether to revoke (the runtime
+        closes the tunnels the new rules no longer allow)."""
         self._exceptions = first.exceptions
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
         self._attempted = first.version  # newest version installed or rejected so far
         self._settled = asyncio.Condition()
-        metrics.rules_installed(first.version, 0.0)
+        metrics.rules_installed(first.version, 0.0, apps=len(first.ruleset))
 
     def set_exceptions(self, exceptions: SpecialExceptions) -> None:
         """New ``[security].allow_special``: recompile the current rules under it."""
@@ -112,9 +240,14 @@ class SnapshotHolder:
         self._idle.clear()
         self._wake.set()
 
-    def offer(self, rule_set: RuleSet) -> None:
-        """Queue a rule set; only the newest queued one is compiled."""
+    def offer(
+        self, rule_set: RuleSet, *, revoke: bool = False, committed_at: float | None = None
+    ) -> None:
+        """Queue a rule set; only the newest queued one is compiled (a revoke asked for by a
+        replaced one is kept)."""
         self._pending_rules = rule_set
+        self._pending_revoke = self._pending_revoke or revoke
+        self._pending_committed_at = committed_at
         self._idle.clear()
         self._wake.set()
 
@@ -130,9 +263,9 @@ class SnapshotHolder:
 
     async def follow(self, source: RuleSource) -> None:
         """Feed every update of ``source`` to the holder (a task of the runtime's group)."""
-        async for rule_set in source.updates():
-            if rule_set is not self.current.ruleset:
-                self.offer(rule_set)
+        async for update in source.updates():
+            if update.rule_set is not self.current.ruleset:
+                self.offer(update.rule_set, revoke=update.revoke, committed_at=update.committed_at)
 
     async def run(self) -> None:
         """Compile and install what is offered, one at a time (a task of the runtime's group)."""
@@ -140,9 +273,12 @@ class SnapshotHolder:
             await self._wake.wait()
             self._wake.clear()
             rule_set, self._pending_rules = self._pending_rules, None
+            revoke, self._pending_revoke = self._pending_revoke, False
+            committed_at, self._pending_committed_at = self._pending_committed_at, None
             if rule_set is not None:
                 try:
-                    await self._install(rule_set, self._exceptions)
+                    if await self._install(rule_set, self._exceptions):
+                        self._installed(revoke, committed_at)
                 finally:
                     self._attempted = max(self._attempted, rule_set.version)
                     async with self._settled:
@@ -150,7 +286,17 @@ class SnapshotHolder:
             if self._pending_rules is None:
                 self._idle.set()
 
-    async def _install(self, rule_set: RuleSet, exceptions: SpecialExceptions) -> None:
+    def _installed(self, revoke: bool, committed_at: float | None) -> None:
+        if committed_at is not None:
+            self._metrics.rules_propagated(max(0.0, time.time() - committed_at))
+        if self.on_installed is not None:
+            try:
+                self.on_installed(self.current, revoke)
+            except Exception:  # a bug here must not stop rule updates
+                log.exception("after installing rules")
+
+    async def _install(self, rule_set: RuleSet, exceptions: SpecialExceptions) -> bool:
+        """Compile and swap; False when the set was refused (older, or failed to compile)."""
         current = self.current
         if rule_set.version < current.version:
             log.warning(
@@ -158,7 +304,7 @@ class SnapshotHolder:
                 extra={"version": rule_set.version, "current": current.version},
             )
             self._metrics.rules_update(ok=False)
-            return
+            return False
         started = time.perf_counter()
         with full_collections_deferred():
             try:
@@ -169,7 +315,7 @@ class SnapshotHolder:
                     extra={"version": rule_set.version, "error": repr(exc)[:300]},
                 )
                 self._metrics.rules_update(ok=False)
-                return
+                return False
             # Freeing the old snapshot at once would stall the loop (about 10 µs per app):
             # hold its apps here and let them go a few at a time.
             retiring = [*current.apps.values(), *current.ruleset.apps]
@@ -181,7 +327,7 @@ class SnapshotHolder:
                 await asyncio.sleep(0)
             freeze_long_lived(clients_connected=True)
         self._metrics.rules_update(ok=True)
-        self._metrics.rules_installed(snapshot.version, seconds)
+        self._metrics.rules_installed(snapshot.version, seconds, apps=len(rule_set))
         log.info(
             "rules installed",
             extra={
@@ -190,6 +336,7 @@ class SnapshotHolder:
                 "compile_ms": round(seconds * 1000, 1),
             },
         )
+        return True
 
     async def _compile(self, rule_set: RuleSet, exceptions: SpecialExceptions) -> PolicySnapshot:
         builder = SnapshotBuilder(rule_set, exceptions)

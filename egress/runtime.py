@@ -27,27 +27,32 @@ from aiohttp import web
 from egress import oplog
 from egress.admin.app import build_admin_app
 from egress.config import Config, ResolverConfig, load_config
+from egress.config import RuleStore as StoreKind
 from egress.connlog import ConnectionLog
 from egress.context import ConnectionContext, ProxySettings
 from egress.errors import ConfigError, EgressError
 from egress.gcpolicy import freeze_long_lived, full_collections_deferred
 from egress.metrics import ProxyMetrics
-from egress.net.connection import HttpConnection, ListenerKind, Socks5Connection
+from egress.net.connection import ClientConnection, HttpConnection, ListenerKind, Socks5Connection
 from egress.net.dialer import dial
 from egress.net.identity import ConnectionOwners, make_tcp_owner_lookup
 from egress.net.registry import ConnectionRegistry
 from egress.net.transparent import TransparentConnection
 from egress.resolver import Resolver
-from egress.rulesource import FileRuleSource, SnapshotHolder
+from egress.rulesource import FileRuleSource, SnapshotHolder, StoreRuleSource
 from egress.server import ListenerError, Listeners
+from egress.stores import open_store
 from rules.apps import RuleSet
 from rules.snapshot import PolicySnapshot
+from rules.stores.base import RuleStore
 
 __all__ = ["ProxyRuntime", "check_proxy_uid", "serve"]
 
 log = logging.getLogger("egress.runtime")
 
 _SWEEP_SECONDS: Final = 30.0
+_CONFIG_POLL_SECONDS: Final = 0.5  # file store: how often to look for edits of the config
+_FIRST_READ_SECONDS: Final = 5.0  # Redis store: how long start-up waits for the first read
 
 # Keys a running proxy cannot change: they are bound sockets, or features chosen at start.
 _RESTART_KEYS: Final = {
@@ -128,10 +133,13 @@ class ProxyRuntime:
                 f" {config.log.connection_log}: {exc.strerror or exc}"
             ) from exc
         self.source = FileRuleSource(config.ruleset)
-        self.holder = SnapshotHolder(
-            PolicySnapshot.build(self.source.latest, config.security.special_exceptions),
-            self.metrics,
-        )
+        self._store: RuleStore | None = None
+        self.store_source: StoreRuleSource | None = None
+        if config.rules.store is StoreKind.REDIS:
+            self.store_source = StoreRuleSource(
+                self.store, self.metrics, check_interval=config.rules.check_interval
+            )
+        self.holder = self._new_holder(self.source.latest)
         self.registry = ConnectionRegistry(
             self.metrics,
             max_connections=config.proxy.max_connections,
@@ -148,6 +156,35 @@ class ProxyRuntime:
         self._retiring: set[asyncio.Task[None]] = set()
 
     @property
+    def store(self) -> RuleStore:
+        """The store the admin API edits; with "redis" also where the rules come from."""
+        if self._store is None:
+            self._store = open_store(self.config)
+        return self._store
+
+    def _new_holder(self, rule_set: RuleSet) -> SnapshotHolder:
+        holder = SnapshotHolder(
+            PolicySnapshot.build(rule_set, self.config.security.special_exceptions),
+            self.metrics,
+        )
+        holder.on_installed = self._rules_installed
+        return holder
+
+    def _rules_installed(self, snapshot: PolicySnapshot, revoke: bool) -> None:
+        """After a swap: with ``revoke``, close what the new rules no longer allow."""
+        if not revoke:
+            return
+        closed = sum(
+            1
+            for connection in self.registry.live()
+            if isinstance(connection, ClientConnection) and connection.recheck(snapshot)
+        )
+        log.warning(
+            "rules revoked",
+            extra={"rules_version": snapshot.version, "tunnels_closed": closed},
+        )
+
+    @property
     def context(self) -> ConnectionContext:
         if self._context is None:
             raise RuntimeError("the proxy is not started")
@@ -158,6 +195,13 @@ class ProxyRuntime:
         """Open every listener and the admin endpoint, or none (raises ``EgressError``)."""
         config = self.config
         check_proxy_uid(config, os.geteuid())
+        if self.store_source is not None:
+            first = await self.store_source.first(_FIRST_READ_SECONDS)
+            if first is not None:
+                self.holder = self._new_holder(first.rule_set)
+            self.metrics.rule_store_up.set(1 if first is not None else 0)
+        else:
+            self.metrics.rule_store_up.set(1)
         # The config and the first snapshot stay for a long time; no client is connected yet.
         gc.collect()
         freeze_long_lived(clients_connected=False)
@@ -191,7 +235,8 @@ class ProxyRuntime:
             "proxy started",
             extra={
                 "listeners": ", ".join(f"{b.kind}={b.address}" for b in self.listeners.bound),
-                "apps": len(config.apps),
+                "apps": len(self.holder.current.ruleset),
+                "rules_store": config.rules.store.value,
                 "rules_version": self.holder.current.version,
                 "admin": self.admin_address,
             },
@@ -228,12 +273,45 @@ class ProxyRuntime:
                 group.create_task(self._reload_loop(), name="config reload"),
                 group.create_task(self._sweep_loop(), name="resolver sweep"),
             ]
+            if self.store_source is not None:
+                tasks.append(
+                    group.create_task(self._follow_store(self.store_source), name="rules store")
+                )
+            else:
+                tasks.append(group.create_task(self._watch_config(), name="config watch"))
             await self._closing.wait()
             for task in tasks:
                 task.cancel()
 
     def ready(self) -> bool:
-        return self._context is not None and not self.registry.draining
+        """Accepting, with rules loaded (from a shared store: read at least once)."""
+        loaded = self.store_source is None or self.store_source.loaded
+        return self._context is not None and not self.registry.draining and loaded
+
+    def store_reachable(self) -> bool:
+        return self.store_source is None or self.store_source.reachable
+
+    async def _follow_store(self, source: StoreRuleSource) -> None:
+        """Feed the shared store's versions to the holder; keep the up gauge true."""
+        async for update in source.updates():
+            self.metrics.rule_store_up.set(1)
+            if update.rule_set is not self.holder.current.ruleset:
+                self.holder.offer(
+                    update.rule_set, revoke=update.revoke, committed_at=update.committed_at
+                )
+
+    async def _watch_config(self) -> None:
+        """File store: an edit of the config file (by `egress rules`, the admin API or an
+        editor) is reloaded like a SIGHUP, without one."""
+        path = self.config.source
+        seen = _file_identity(path)
+        while True:
+            await asyncio.sleep(_CONFIG_POLL_SECONDS)
+            current = _file_identity(path)
+            if current != seen:
+                seen = current
+                log.info("config file changed, reloading", extra={"path": str(path)})
+                self.request_reload()
 
     def request_stop(self) -> None:
         self._stop_requested.set()
@@ -266,6 +344,7 @@ class ProxyRuntime:
         log.info("proxy stopped")
 
     async def _release_resources(self) -> None:
+        self.holder.on_installed = None  # a cycle through the runtime, frozen at start
         await self.listeners.close()
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
@@ -275,6 +354,9 @@ class ProxyRuntime:
             task.cancel()
         await asyncio.gather(*retiring, return_exceptions=True)
         await self.resolver.aclose()
+        if self._store is not None:
+            with contextlib.suppress(Exception):
+                await self._store.aclose()
         self.connlog.close()
         if self._owners is not None:
             self._owners.close()
@@ -328,6 +410,8 @@ class ProxyRuntime:
         """Off the event loop: read and check the file, and version its rules if they changed
         (comparing 10,000 apps is work the loop should not do)."""
         new = load_config(path)
+        if self.store_source is not None:
+            return new, None  # the rules live in the shared store, not in this file
         security_changed = new.security.allow_special != self.config.security.allow_special
         return new, self.source.prepare(new.ruleset, always=security_changed)
 
@@ -376,6 +460,14 @@ class ProxyRuntime:
         task = asyncio.get_running_loop().create_task(retire(), name="retire resolver")
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)
+
+
+def _file_identity(path: Path) -> tuple[int, int, int] | None:
+    try:
+        info = path.stat()
+    except OSError:
+        return None
+    return info.st_ino, info.st_mtime_ns, info.st_size
 
 
 async def serve(config: Config, *, loop_name: str = "") -> None:

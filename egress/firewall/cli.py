@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import signal
@@ -18,13 +19,17 @@ from pathlib import Path
 from typing import Any
 
 from egress import oplog
-from egress.config import Config, FirewallBackend, load_config
+from egress.config import Config, FirewallBackend, RuleStore, load_config
 from egress.errors import EgressError
 from egress.firewall.backend import Backend
 from egress.firewall.detect import choose_backend
 from egress.firewall.metrics import FirewallMetrics
 from egress.firewall.plan import FirewallPlan, build_plan
 from egress.firewall.sync import SyncResult, flush, status, sync_once
+from egress.stores import open_store
+from rules.problems import InvalidRuleSetError
+from rules.stores.base import RuleStore as Store
+from rules.stores.errors import StoreError
 
 __all__ = ["add_firewall_commands"]
 
@@ -54,11 +59,32 @@ def add_firewall_commands(subparsers: Any) -> None:
 
 def _setup(args: argparse.Namespace) -> tuple[Config, FirewallPlan, Backend]:
     config = load_config(args.config)
+    if config.rules.store is RuleStore.REDIS:  # the apps (and their uids) live in the store
+        config = asyncio.run(_with_store_apps(config))
     plan = build_plan(config)
     backend = choose_backend(args.backend or config.firewall.backend)
     for warning in plan.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     return config, plan, backend
+
+
+async def _with_store_apps(config: Config) -> Config:
+    store = open_store(config)
+    try:
+        return await _read_apps(config, store)
+    finally:
+        await store.aclose()
+
+
+async def _read_apps(config: Config, store: Store) -> Config:
+    """``config`` with the apps the shared store holds now (raises ``EgressError``)."""
+    try:
+        state = await store.read()
+    except (StoreError, InvalidRuleSetError) as error:
+        raise EgressError(
+            f"cannot read the apps from the rule store {store.name}: {error}"
+        ) from error
+    return dataclasses.replace(config, ruleset=state.rule_set)
 
 
 def _describe(result: SyncResult) -> list[str]:
@@ -123,15 +149,51 @@ def _fingerprint(path: Path) -> bytes | None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    config, plan, backend = _setup(args)
+    config = load_config(args.config)
+    backend = choose_backend(args.backend or config.firewall.backend)
     oplog.configure(config.log.level)
-    return asyncio.run(_run(Path(args.config), config, plan, backend))
+    return asyncio.run(_run(Path(args.config), config, backend))
 
 
-async def _run(path: Path, config: Config, plan: FirewallPlan, backend: Backend) -> int:
+async def _run(path: Path, config: Config, backend: Backend) -> int:
     """Fail closed: the first pass must succeed before anything else, and SIGTERM leaves the
-    rules in place (a stopped controller must not open the sandbox)."""
+    rules in place (a stopped controller must not open the sandbox).
+
+    With a shared rule store the apps come from it: the change feed wakes a pass at once, the
+    interval is the backstop, and a store that cannot be read keeps the last plan (at start:
+    every sandbox uid confined, no app known, until the store answers)."""
+    store = open_store(config) if config.rules.store is RuleStore.REDIS else None
+    try:
+        return await _run_with(path, config, backend, store)
+    finally:
+        if store is not None:
+            with contextlib.suppress(Exception):
+                await store.aclose()
+
+
+async def _store_plan(
+    config: Config, store: Store, metrics: FirewallMetrics
+) -> tuple[Config, FirewallPlan] | None:
+    try:
+        config = await _read_apps(config, store)
+    except EgressError as error:
+        metrics.record_error("store_error")
+        _log.error("rule store unreadable; keeping the last plan", extra={"error": str(error)})
+        return None
+    return config, build_plan(config)
+
+
+async def _run_with(path: Path, config: Config, backend: Backend, store: Store | None) -> int:
     metrics = FirewallMetrics()
+    plan = build_plan(config)
+    store_version = -1
+    if store is not None:
+        planned = await _store_plan(config, store, metrics)
+        if planned is not None:
+            config, plan = planned
+            store_version = config.ruleset.version
+    for warning in plan.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     metrics.set_backend(backend.name)
     started = time.monotonic()
     try:
@@ -153,6 +215,8 @@ async def _run(path: Path, config: Config, plan: FirewallPlan, backend: Backend)
     loop = asyncio.get_running_loop()
     wake = asyncio.Event()
     stop = asyncio.Event()
+    feed_hint = asyncio.Event()
+    feed = None if store is None else loop.create_task(_listen(store, feed_hint))
     loop.add_signal_handler(signal.SIGHUP, wake.set)
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
@@ -162,11 +226,14 @@ async def _run(path: Path, config: Config, plan: FirewallPlan, backend: Backend)
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(min(1.0, max(0.0, next_pass - time.monotonic()))):
-                    await _first(wake, stop)
+                    await _first(wake, stop, feed_hint)
             if stop.is_set():
                 break
             current = _fingerprint(path)
-            due = wake.is_set() or current != fingerprint or time.monotonic() >= next_pass
+            hinted = feed_hint.is_set()
+            feed_hint.clear()
+            interval_due = time.monotonic() >= next_pass
+            due = wake.is_set() or current != fingerprint or interval_due or hinted
             if not due:
                 continue
             if wake.is_set() or current != fingerprint:
@@ -175,9 +242,15 @@ async def _run(path: Path, config: Config, plan: FirewallPlan, backend: Backend)
                 try:
                     config = load_config(path)
                     plan = build_plan(config)
+                    store_version = -1  # apps from the store again, on the new settings
                 except EgressError as error:  # keep the last good plan
                     metrics.record_error("config_error")
                     _log.error("firewall config rejected", extra={"error": str(error)})
+            if store is not None and (store_version < 0 or hinted or interval_due):
+                planned = await _store_plan(config, store, metrics)
+                if planned is not None and planned[0].ruleset.version != store_version:
+                    config, plan = planned
+                    store_version = config.ruleset.version
             next_pass = time.monotonic() + config.firewall.interval
             started = time.monotonic()
             try:
@@ -190,10 +263,25 @@ async def _run(path: Path, config: Config, plan: FirewallPlan, backend: Backend)
             if result.changed:
                 _log.warning("firewall repaired", extra={"changes": "; ".join(_describe(result))})
     finally:
+        if feed is not None:
+            feed.cancel()
+            with contextlib.suppress(BaseException):
+                await feed
         if server is not None:
             with contextlib.suppress(Exception):
                 server[0].shutdown()
     return 0  # rules stay installed on purpose
+
+
+async def _listen(store: Store, hint: asyncio.Event) -> None:
+    """The store's change feed as wake-ups (the backend reconnects; this outlives errors)."""
+    while True:
+        try:
+            async for _ in store.backend.changes():
+                hint.set()
+        except StoreError:
+            pass
+        await asyncio.sleep(1.0)
 
 
 async def _first(*events: asyncio.Event) -> None:

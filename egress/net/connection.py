@@ -30,10 +30,11 @@ from egress.metrics import UNKNOWN_APP
 from egress.net.dialer import DialError, Dialled, hostport
 from egress.net.relay import StreamFilter, Tunnel
 from egress.outcomes import OUTCOMES, SOCKS5_SUCCEEDED, Outcome
-from egress.policy import Verdict, evaluate
+from egress.policy import Lookup, Verdict, after_lookup, evaluate, first_step
 from egress.proto import http_proxy, socks5
 from rules.addresses import HostSyntaxError, canonical_host
 from rules.decide import AppPolicy
+from rules.snapshot import PolicySnapshot
 
 __all__ = ["ClientConnection", "HttpConnection", "ListenerKind", "Socks5Connection"]
 
@@ -71,9 +72,11 @@ class ClientConnection(asyncio.Protocol):
         "finished",
         "kind",
         "outcome",
+        "recheck_under",
         "rules_version",
         "settings",
         "started_wall",
+        "target",
         "transport",
         "tunnel",
         "uid",
@@ -92,6 +95,9 @@ class ClientConnection(asyncio.Protocol):
         self.app_name: str | None = None
         self.rules_version: int | None = None
         self.destination: str | None = None
+        self.target: tuple[str | IPAddress, int] | None = None  # canonical host, port
+        # Rules a revoke swept in while this connection was being decided: decide again.
+        self.recheck_under: PolicySnapshot | None = None
         self.dialled: Dialled | None = None
         self.verdict: Verdict | None = None
         self.outcome: Outcome | None = None
@@ -249,6 +255,7 @@ class ClientConnection(asyncio.Protocol):
         except HostSyntaxError as exc:
             self.fail(Outcome.BAD_ADDRESS, str(exc))
             return
+        self.target = (host, port)
         self._task = ctx.loop.create_task(self._establish(self.app, host, port))
         self._task.add_done_callback(self._task_done)
 
@@ -262,6 +269,11 @@ class ClientConnection(asyncio.Protocol):
         self.verdict = verdict
         self.app = None  # decided: from here on only the name is needed
         del app  # (this frame lives through the dial)
+        if self.recheck_under is not None and verdict.allowed:
+            self.recheck(self.recheck_under)  # rules were revoked while this was deciding
+            self.recheck_under = None
+            if self.outcome is Outcome.REVOKED:
+                return
         if not verdict.allowed:
             self.fail(verdict.outcome, verdict.detail, retry_after=verdict.retry_after)
             return
@@ -337,6 +349,53 @@ class ClientConnection(asyncio.Protocol):
     def shut_down(self) -> None:
         if self.tunnel is None and self.transport is not None:
             self.fail(Outcome.SHUTTING_DOWN)
+
+    def recheck(self, snapshot: PolicySnapshot) -> bool:
+        """After an edit with revoke: close this connection if ``snapshot`` no longer allows
+        it (its uid left the app, or the destination is no longer allowed for the address it
+        was dialed to). True when it was closed. Report mode never closes anything."""
+        if self.finished or self.transport is None or self.uid is None or self.outcome:
+            return False
+        policy = snapshot.app_for_uid(self.uid)
+        if policy is None or policy.app.name != self.app_name:
+            self._revoke(f"uid {self.uid} is no longer in app {self.app_name!r}")
+            return True
+        verdict, target = self.verdict, self.target
+        if verdict is None or target is None:
+            if self.app is not None:
+                self.app = policy  # still in its handshake: decide under the new rules
+            elif target is not None:
+                self.recheck_under = snapshot  # being decided now: decide again after
+            return False
+        if not verdict.allowed:
+            return False
+        host, port = target
+        names_for = (
+            self.ctx.resolver.cached_names_for if self.kind is ListenerKind.TRANSPARENT else None
+        )
+        step = first_step(policy, host, port, names_for=names_for)
+        if isinstance(step, Lookup):
+            dialled = self.dialled
+            addresses = verdict.addresses if dialled is None else (dialled.address,)
+            step = after_lookup(policy, step, addresses)
+        if step.allowed:
+            return False
+        self._revoke(f"{step.reason}: {step.detail or OUTCOMES[step.outcome].detail}")
+        return True
+
+    def _revoke(self, detail: str) -> None:
+        self.outcome = Outcome.REVOKED
+        self.detail = f"revoked by a rules edit ({detail})"
+        self.ctx.metrics.rules_revoked.inc()
+        if self.tunnel is not None:
+            self.tunnel.abort("revoked")
+        elif self._task is not None:
+            self._task.cancel()
+            assert self.transport is not None
+            self.transport.abort()
+        else:
+            assert self.transport is not None
+            self.transport.abort()
 
     def cut(self, reason: str) -> None:
         if self.tunnel is not None:
