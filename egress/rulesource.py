@@ -66,6 +66,8 @@ class FileRuleSource:
 
     def __init__(self, initial: RuleSet) -> None:
         self._latest = initial.with_version(max(initial.version, 1))
+        self._revoke = False
+        self._committed_at: float | None = None
         self._changed = asyncio.Event()
 
     @property
@@ -84,11 +86,16 @@ class FileRuleSource:
         # the version in force matches the one the edit printed; else one more than ours.
         return rule_set.with_version(max(self._latest.version + 1, rule_set.version))
 
-    def publish(self, prepared: RuleSet) -> None:
-        """Make a rule set from :meth:`prepare` the latest (on the event loop)."""
+    def publish(
+        self, prepared: RuleSet, *, revoke: bool = False, committed_at: float | None = None
+    ) -> None:
+        """Make a rule set from :meth:`prepare` the latest (on the event loop); ``revoke`` and
+        ``committed_at`` as the file store's audit trail recorded the edits it holds."""
         if prepared.version <= self._latest.version:
             raise ValueError(f"version {prepared.version} is not newer than {self._latest.version}")
         self._latest = prepared
+        self._revoke = self._revoke or revoke
+        self._committed_at = committed_at
         self._changed.set()
 
     async def updates(self) -> AsyncIterator[RulesUpdate]:
@@ -96,7 +103,9 @@ class FileRuleSource:
         while True:
             await self._changed.wait()
             self._changed.clear()
-            yield RulesUpdate(self._latest)
+            update = RulesUpdate(self._latest, self._revoke, self._committed_at)
+            self._revoke = False
+            yield update
 
 
 class StoreRuleSource:

@@ -395,8 +395,11 @@ class ProxyRuntime:
                     "reload failed, keeping the previous config", extra={"error": repr(exc)[:300]}
                 )
                 return False
+            revoke, committed_at = False, None
+            if rules is not None:
+                revoke, committed_at = await self._file_edits(self.config, new)
             try:
-                self.apply(new, rules)
+                self.apply(new, rules, revoke=revoke, committed_at=committed_at)
             except Exception as exc:
                 self.metrics.reload(ok=False)
                 log.exception("applying the reloaded config failed", extra={"error": repr(exc)})
@@ -405,6 +408,21 @@ class ProxyRuntime:
                 await self.holder.wait_for_version(rules.version)
             await self.holder.wait_idle()
         return True
+
+    async def _file_edits(self, old: Config, new: Config) -> tuple[bool, float | None]:
+        """What the file store's audit trail says of the edits between two reads of the file:
+        whether one asked for revoke, and when the newest was committed."""
+        first, last = old.rules.version, new.rules.version
+        if last <= first:
+            return False, None  # a hand edit: no audit record
+        try:
+            records = await self.store.history(limit=max(1, min(last - first, 1000)))
+        except Exception as exc:  # the trail is advisory here; the rules still apply
+            log.warning("cannot read the rules audit trail", extra={"error": str(exc)[:300]})
+            return False, None
+        edits = [record for record in records if first < record.version <= last]
+        committed_at = max((record.at for record in edits), default=None)
+        return any(record.revoke for record in edits), committed_at
 
     def _read(self, path: Path) -> tuple[Config, RuleSet | None]:
         """Off the event loop: read and check the file, and version its rules if they changed
@@ -415,9 +433,17 @@ class ProxyRuntime:
         security_changed = new.security.allow_special != self.config.security.allow_special
         return new, self.source.prepare(new.ruleset, always=security_changed)
 
-    def apply(self, new: Config, rules: RuleSet | None = None) -> None:
+    def apply(
+        self,
+        new: Config,
+        rules: RuleSet | None = None,
+        *,
+        revoke: bool = False,
+        committed_at: float | None = None,
+    ) -> None:
         """Apply a checked config to the running proxy; ``rules`` is its rule set as
-        :meth:`FileRuleSource.prepare` versioned it (``None``: unchanged)."""
+        :meth:`FileRuleSource.prepare` versioned it (``None``: unchanged); ``revoke``: close
+        the tunnels it no longer allows."""
         old = self.config
         pending = restart_needed(old, new)
         if pending:
@@ -437,7 +463,7 @@ class ProxyRuntime:
             self.connlog.reopen(new.log.connection_log)
         self.holder.set_exceptions(new.security.special_exceptions)
         if rules is not None:
-            self.source.publish(rules)
+            self.source.publish(rules, revoke=revoke, committed_at=committed_at)
         self.config = _in_force(old, new)
         self.metrics.reload(ok=True)
         log.info(

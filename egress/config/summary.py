@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from egress.config.model import Config
+from egress.config.model import Config, RuleStore
 from rules.apps import Limits, UidRange
 
 # --- the check-config summary ----------------------------------------------------------------
@@ -53,7 +53,18 @@ def summarize(config: Config) -> str:
     )
     opened = ", ".join(config.security.allow_special) or "none"
     lines.append(f"security: special-purpose ranges opened: {opened}")
-    lines.append(f"rules: store {config.rules.store}")
+    rules = config.rules
+    if rules.store is RuleStore.REDIS:
+        lines.append(
+            f"rules: store redis at {config.redis.display_url},"
+            f" keys {{{rules.redis_prefix}}}:rules:*;"
+            f" version check every {rules.check_interval:g}s; audit keeps {rules.audit_max_records}"
+        )
+    else:
+        lines.append(
+            f"rules: store file (this file), version {rules.version};"
+            f" audit keeps {rules.audit_max_records}"
+        )
     rl = config.ratelimit
     lines.append(f"ratelimit: {rl.backend} (on redis error: {rl.on_redis_error})")
     lines.append(f"redis: {config.redis.display_url}")
