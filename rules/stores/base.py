@@ -179,7 +179,8 @@ class StoreBackend(Protocol):
 
     def changes(self) -> AsyncIterator[int]:
         """Versions as they are committed, as far as the backend hears of them (a hint: a
-        follower reads the state and also polls :meth:`version` as a backstop)."""
+        follower reads the state and also polls :meth:`version` as a backstop). A backend may
+        start with the version it found when it began listening."""
         ...
 
     async def aclose(self) -> None: ...
