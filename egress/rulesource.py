@@ -128,7 +128,18 @@ class StoreRuleSource:
         self._retry_interval = retry_interval
         self._latest: StoreState | None = None
         self._hint = asyncio.Event()
-        self.reachable = False
+        self._reachable = False
+        metrics.rule_store_up.set(0)
+
+    @property
+    def reachable(self) -> bool:
+        """Whether the store answered the last read or version check."""
+        return self._reachable
+
+    @reachable.setter
+    def reachable(self, value: bool) -> None:
+        self._reachable = value
+        self._metrics.rule_store_up.set(1 if value else 0)
 
     @property
     def loaded(self) -> bool:
@@ -145,17 +156,19 @@ class StoreRuleSource:
             return None
 
     async def updates(self) -> AsyncIterator[RulesUpdate]:
-        async with asyncio.TaskGroup() as group:
-            feed = group.create_task(self._listen(), name="rules change feed")
-            try:
-                if self._latest is not None:
-                    yield RulesUpdate(self._latest.rule_set, False, self._latest.committed_at)
-                while True:
-                    update = await self._next()
-                    if update is not None:
-                        yield update
-            finally:
-                feed.cancel()
+        # A plain task, not a TaskGroup: a task group must not span the generator's yields.
+        feed = asyncio.get_running_loop().create_task(self._listen(), name="rules change feed")
+        try:
+            if self._latest is not None:
+                yield RulesUpdate(self._latest.rule_set, False, self._latest.committed_at)
+            while True:
+                update = await self._next()
+                if update is not None:
+                    yield update
+        finally:
+            feed.cancel()
+            with contextlib.suppress(BaseException):
+                await feed
 
     async def _next(self) -> RulesUpdate | None:
         interval = self._check_interval if self.reachable else self._retry_interval
@@ -348,7 +361,7 @@ class SnapshotHolder:
         return True
 
     async def _compile(self, rule_set: RuleSet, exceptions: SpecialExceptions) -> PolicySnapshot:
-        builder = SnapshotBuilder(rule_set, exceptions)
+        builder = SnapshotBuilder(rule_set, exceptions, previous=self.current)  # reuse unchanged
         slice_end = time.perf_counter() + self._slice
         while not builder.compile_some(_APPS_PER_STEP):
             if time.perf_counter() >= slice_end:

@@ -26,6 +26,7 @@ from aiohttp import web
 
 from egress import oplog
 from egress.admin.app import build_admin_app
+from egress.checking import CheckResult, check
 from egress.config import Config, ResolverConfig, load_config
 from egress.config import RuleStore as StoreKind
 from egress.connlog import ConnectionLog
@@ -43,6 +44,7 @@ from egress.rulesource import FileRuleSource, SnapshotHolder, StoreRuleSource
 from egress.server import ListenerError, Listeners
 from egress.stores import open_store
 from rules.apps import RuleSet
+from rules.edits import UnknownAppError
 from rules.snapshot import PolicySnapshot
 from rules.stores.base import RuleStore
 
@@ -199,7 +201,6 @@ class ProxyRuntime:
             first = await self.store_source.first(_FIRST_READ_SECONDS)
             if first is not None:
                 self.holder = self._new_holder(first.rule_set)
-            self.metrics.rule_store_up.set(1 if first is not None else 0)
         else:
             self.metrics.rule_store_up.set(1)
         # The config and the first snapshot stay for a long time; no client is connected yet.
@@ -253,7 +254,14 @@ class ProxyRuntime:
     async def _start_admin(self) -> None:
         assert self.config.admin.listen is not None
         listen = self.config.admin.listen
-        app = build_admin_app(self.metrics, ready=self.ready)
+        app = build_admin_app(
+            self.metrics,
+            ready=self.ready,
+            store=self.store,
+            tokens=self.config.admin.tokens,
+            checker=self._check,
+            store_ready=self._store_answers,
+        )
         self._admin_runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._admin_runner.setup()
         site = web.TCPSite(self._admin_runner, listen.host, listen.port, reuse_address=True)
@@ -269,15 +277,14 @@ class ProxyRuntime:
         async with asyncio.TaskGroup() as group:
             tasks = [
                 group.create_task(self.holder.run(), name="rules compile"),
-                group.create_task(self.holder.follow(self.source), name="rules follow"),
                 group.create_task(self._reload_loop(), name="config reload"),
                 group.create_task(self._sweep_loop(), name="resolver sweep"),
             ]
             if self.store_source is not None:
-                tasks.append(
-                    group.create_task(self._follow_store(self.store_source), name="rules store")
-                )
+                follow = self._follow_store(self.store_source)
+                tasks.append(group.create_task(follow, name="rules store"))
             else:
+                tasks.append(group.create_task(self.holder.follow(self.source), name="rules"))
                 tasks.append(group.create_task(self._watch_config(), name="config watch"))
             await self._closing.wait()
             for task in tasks:
@@ -288,13 +295,29 @@ class ProxyRuntime:
         loaded = self.store_source is None or self.store_source.loaded
         return self._context is not None and not self.registry.draining and loaded
 
-    def store_reachable(self) -> bool:
+    async def _store_answers(self) -> bool:
+        """For /readyz: the shared store answered its last check (the file store: always)."""
         return self.store_source is None or self.store_source.reachable
+
+    async def _check(self, app: str, host: str, port: int) -> CheckResult:
+        """``/v1/apps/{name}/check``: the rules in force here, the proxy's resolver."""
+        snapshot = self.holder.current
+        policy = snapshot.apps.get(app)
+        if policy is None:
+            raise UnknownAppError(app)
+        timeout = self.context.settings.connect_timeout
+        return await check(
+            policy,
+            host,
+            port,
+            resolver=self.resolver,
+            rules_version=snapshot.version,
+            timeout=timeout,
+        )
 
     async def _follow_store(self, source: StoreRuleSource) -> None:
         """Feed the shared store's versions to the holder; keep the up gauge true."""
         async for update in source.updates():
-            self.metrics.rule_store_up.set(1)
             if update.rule_set is not self.holder.current.ruleset:
                 self.holder.offer(
                     update.rule_set, revoke=update.revoke, committed_at=update.committed_at
