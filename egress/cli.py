@@ -18,6 +18,7 @@ from egress.config import load_config, summarize
 from egress.config.lint import warnings_for
 from egress.errors import ConfigError, EgressError
 from egress.firewall.cli import add_firewall_commands
+from egress.rules_cli import add_rules_commands
 
 
 def loop_factory(kind: str) -> Callable[[], asyncio.AbstractEventLoop]:
@@ -115,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("file", nargs="?", help="the same, positionally")
     check.set_defaults(handler=_cmd_check_config)
     add_firewall_commands(sub)
+    add_rules_commands(sub)
     return parser
 
 
