@@ -132,6 +132,9 @@ def redact_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
+_PARSE_ON_LOOP_MAX = 64  # changed apps parsed on the event loop; more go to a thread
+
+
 @dataclass(frozen=True, slots=True)
 class _Keys:
     version: str
@@ -298,9 +301,26 @@ class RedisBackend:
                 strays = sorted({_text(k) for k in again[-1]} - revs.keys())
         else:
             docs = {}
-        apps = self._parsed(revs, docs, strays, known)
-        rule_set = self._rule_set(apps, version)
+        if len(docs) > _PARSE_ON_LOOP_MAX:
+            # Parsing thousands of apps (a first read, a restored store) would stall the
+            # event loop of the proxy that reads them: do it in a thread.
+            apps, rule_set = await asyncio.to_thread(
+                self._built, revs, docs, strays, known, version
+            )
+        else:
+            apps, rule_set = self._built(revs, docs, strays, known, version)
         return _Snapshot(StoreState(rule_set, revoke, committed_at), revs, apps)
+
+    def _built(
+        self,
+        revs: Mapping[str, int],
+        docs: Mapping[str, bytes | None],
+        strays: Sequence[str],
+        known: _Snapshot | None,
+        version: int,
+    ) -> tuple[dict[str, App], RuleSet]:
+        apps = self._parsed(revs, docs, strays, known)
+        return apps, self._rule_set(apps, version)
 
     def _parsed(
         self,
