@@ -68,7 +68,7 @@ _RESTART_KEYS: Final = {
         "transparent_listen",
     ),
     "admin": ("listen", "tokens"),
-    "rules": ("store",),
+    "rules": ("store", "redis_prefix", "check_interval", "audit_log", "audit_max_records"),
     "ratelimit": ("backend", "on_redis_error"),
     "redis": ("url",),
 }

@@ -40,10 +40,9 @@ def warnings_for(config: Config) -> list[str]:
                 f"{where}.limits: accepted but not enforced yet (rate limits come with the"
                 " ratelimit backends)"
             )
-    if config.admin.tokens:
+    if config.admin.tokens and config.admin.listen is None:
         found.append(
-            "admin.tokens: accepted but unused: the admin listener serves only /metrics,"
-            " /healthz and /readyz in this version"
+            "admin.tokens: no admin.listen is set, so no API serves them (set admin.listen)"
         )
     if config.ratelimit.backend is not RatelimitBackend.MEMORY:
         found.append(f"ratelimit.backend: {config.ratelimit.backend.value!r} has no effect yet")
