@@ -46,6 +46,9 @@ _PREFIXLEN: Final = re.compile(r"0|[1-9][0-9]{0,2}")
 # unassigned, and every kind of space or line/paragraph separator.
 _BAD_CATEGORIES: Final = frozenset({"Cc", "Cs", "Co", "Cn", "Zs", "Zl", "Zp"})
 _BAD_ASCII: Final = frozenset("@/\\:?#[]%")
+# The same for ASCII text, in one search: controls (Cc), space (Zs) and _BAD_ASCII.
+_BAD_ASCII_CHAR: Final = re.compile(r"[\x00-\x20\x7f@/\\:?#\[\]%]")
+_VALID_NAME: Final = re.compile(r"[a-z0-9_-]{1,63}(?:\.[a-z0-9_-]{1,63})*")  # every label valid
 
 
 class HostSyntaxError(ValueError):
@@ -90,7 +93,8 @@ def parse_ip_literal(text: str) -> IPv4Address | IPv6Address | None:
     after Unicode mapping (full-width digits and dots).
     """
     if _STRICT_V4.fullmatch(text):
-        return IPv4Address(text)
+        a, b, c, d = text.split(".")  # four decimal octets, 0-255: the pattern says so
+        return IPv4Address(int(a) << 24 | int(b) << 16 | int(c) << 8 | int(d))
     if text.startswith("["):
         if not text.endswith("]"):
             raise HostSyntaxError(f"host {show(text)}: '[' without a closing ']'")
@@ -124,18 +128,20 @@ def canonical_host(text: str) -> str | IPv4Address | IPv6Address:
         return address
     if not text:
         raise HostSyntaxError("host is empty")
-    for char in text:
-        if char in _BAD_ASCII or unicodedata.category(char) in _BAD_CATEGORIES:
-            raise HostSyntaxError(
-                f"host {show(text)} contains the character {char!r}, "
-                "which is not allowed in a host name"
-            )
+    if text.isascii():
+        bad = _BAD_ASCII_CHAR.search(text)
+        if bad is not None:
+            raise _bad_character(text, bad.group())
+    else:
+        for char in text:
+            if char in _BAD_ASCII or unicodedata.category(char) in _BAD_CATEGORIES:
+                raise _bad_character(text, char)
     name = text[:-1] if text.endswith(".") else text
     name = name.lower() if name.isascii() else _idna_encode(name, text)
     if not name:
         raise HostSyntaxError(f"host {show(text)} has no name")
     labels = name.split(".")
-    for label in labels:
+    for label in () if _VALID_NAME.fullmatch(name) else labels:  # the loop says what is wrong
         if not label:
             raise HostSyntaxError(f"host {show(text)} has an empty label ('..' or leading '.')")
         if not _LABEL.fullmatch(label):
@@ -149,6 +155,12 @@ def canonical_host(text: str) -> str | IPv4Address | IPv6Address:
     if _ends_in_number(labels):
         raise HostSyntaxError(_numeric_message(text))
     return name
+
+
+def _bad_character(text: str, char: str) -> HostSyntaxError:
+    return HostSyntaxError(
+        f"host {show(text)} contains the character {char!r}, which is not allowed in a host name"
+    )
 
 
 def _idna_encode(name: str, original: str) -> str:
@@ -211,10 +223,11 @@ class PrefixMap(Generic[V]):
     """Longest-prefix lookup over one address family, one dict per prefix length present.
 
     A lookup costs one shift and one dict probe per *distinct* prefix length (at most 33 or
-    129), independent of how many networks are stored.
+    129) that has a network in the address's first octet, independent of how many networks are
+    stored: a public address usually skips every table of the special-purpose ranges.
     """
 
-    __slots__ = ("_bits", "_lengths", "_tables")
+    __slots__ = ("_bits", "_by_octet", "_lengths", "_shorter")
 
     def __init__(self, bits: int, items: Iterable[tuple[int, int, V]]) -> None:
         """``items``: ``(network as int, prefix length, value)``; later duplicates are dropped."""
@@ -223,23 +236,36 @@ class PrefixMap(Generic[V]):
             tables.setdefault(prefixlen, {}).setdefault(network >> (bits - prefixlen), value)
         self._bits = bits
         self._lengths = tuple(sorted(tables, reverse=True))
-        self._tables = tables
+        # (shift, table) to probe, longest prefix first: those under 8 bits for any address,
+        # the longer ones only for an address in a first octet they have a network in.
+        probes = [(bits - n, tables[n]) for n in self._lengths]
+        self._shorter = tuple(p for n, p in zip(self._lengths, probes, strict=True) if n < 8)
+        octets: dict[int, set[int]] = {}
+        for n in self._lengths:
+            if n >= 8:
+                for key in tables[n]:
+                    octets.setdefault(key >> (n - 8), set()).add(n)
+        self._by_octet = {
+            octet: tuple(
+                p for n, p in zip(self._lengths, probes, strict=True) if n in found or n < 8
+            )
+            for octet, found in octets.items()
+        }
+
+    def _probes(self, address: int) -> tuple[tuple[int, dict[int, V]], ...]:
+        return self._by_octet.get(address >> (self._bits - 8), self._shorter)
 
     def candidates(self, address: int) -> Iterator[V]:
         """Values of every stored network containing ``address``, longest prefix first."""
-        bits = self._bits
-        tables = self._tables
-        for prefixlen in self._lengths:
-            value = tables[prefixlen].get(address >> (bits - prefixlen))
+        for shift, table in self._probes(address):
+            value = table.get(address >> shift)
             if value is not None:
                 yield value
 
     def longest(self, address: int) -> V | None:
         """The value of the longest stored prefix containing ``address``, if any."""
-        bits = self._bits
-        tables = self._tables
-        for prefixlen in self._lengths:
-            value = tables[prefixlen].get(address >> (bits - prefixlen))
+        for shift, table in self._by_octet.get(address >> (self._bits - 8), self._shorter):
+            value = table.get(address >> shift)
             if value is not None:
                 return value
         return None

@@ -272,7 +272,7 @@ class RuleSet:
         reader.report_unknown_keys()
         if reader.problems or rule_set is None:
             raise InvalidRuleSetError(reader.problems)
-        return cls(rule_set.apps, version, source)
+        return rule_set.with_version(version)  # checked once, by read_rule_set
 
 
 # --- reading apps from plain values ----------------------------------------------------------

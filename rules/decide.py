@@ -18,19 +18,21 @@ denial is a normal return value.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import functools
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from ipaddress import IPv4Address, IPv6Address
-from typing import Any
+from typing import Any, Final
 
 from rules.apps import App, Mode
-from rules.match import CompiledRules
+from rules.match import CompiledRules, RulesIndexBuilder
 from rules.model import HostExact, Network, Rule
 from rules.special import SpecialExceptions, canonical_special_range
 
 __all__ = [
     "AddressDecision",
+    "AppCompiler",
     "AppPolicy",
     "Decision",
     "NamePlan",
@@ -69,20 +71,12 @@ class AppPolicy:
     def compile(
         cls, app: App, exceptions: SpecialExceptions, memo: dict[Any, Any] | None = None
     ) -> AppPolicy:
-        opened = (
-            [
-                rule
-                for rule in app.allow
-                if isinstance(rule.target, Network)
-                and exceptions.contains_network(rule.target.network)
-            ]
-            if exceptions
-            else []
-        )
+        """Compile ``app`` at once; :class:`AppCompiler` does it a slice of rules at a time."""
+        opened = _opened(app.allow, exceptions)
         return cls(
             app,
             CompiledRules.compile(app.allow),
-            CompiledRules.compile(opened),
+            CompiledRules.compile(opened) if opened else _NO_RULES,
             exceptions,
             memo if memo is not None else {},
         )
@@ -94,6 +88,65 @@ class AppPolicy:
     @property
     def mode(self) -> Mode:
         return self.app.mode
+
+
+_NO_RULES: Final = CompiledRules.compile(())
+
+
+def _opened(rules: Sequence[Rule], exceptions: SpecialExceptions) -> list[Rule]:
+    """The address rules lying inside an opened special-purpose range."""
+    if not exceptions:
+        return []
+    contains = exceptions.contains_network
+    return [
+        rule for rule in rules if isinstance(rule.target, Network) and contains(rule.target.network)
+    ]
+
+
+class AppCompiler:
+    """Compiles one app a slice of its rules at a time (:meth:`step`), so that a 100,000-rule
+    app can be compiled between the event loop's turns; :meth:`result` once every rule is in.
+    The result is what :meth:`AppPolicy.compile` gives."""
+
+    __slots__ = ("_app", "_exceptions", "_memo", "_next", "_opened", "_opened_rules", "_rules")
+
+    def __init__(
+        self, app: App, exceptions: SpecialExceptions, memo: dict[Any, Any] | None = None
+    ) -> None:
+        self._app = app
+        self._exceptions = exceptions
+        self._memo = memo if memo is not None else {}
+        self._rules = RulesIndexBuilder()
+        self._opened = RulesIndexBuilder()
+        self._opened_rules: list[Rule] = []
+        self._next = 0
+
+    @property
+    def indexed(self) -> int:
+        """How many of the app's rules are indexed so far."""
+        return self._next
+
+    @property
+    def done(self) -> bool:
+        return self._next >= len(self._app.allow)
+
+    def step(self, count: int) -> bool:
+        """Index up to ``count`` more rules; True when every rule is indexed."""
+        chunk = self._app.allow[self._next : self._next + count]
+        self._next += len(chunk)
+        self._rules.add(chunk)
+        opened = _opened(chunk, self._exceptions)
+        if opened:
+            self._opened.add(opened)
+            self._opened_rules += opened
+        return self.done
+
+    def result(self) -> AppPolicy:
+        if not self.done:
+            raise RuntimeError(f"app {self._app.name!r} is not compiled yet")
+        opened = self._opened.finish(tuple(self._opened_rules)) if self._opened_rules else _NO_RULES
+        rules = self._rules.finish(self._app.allow)
+        return AppPolicy(self._app, rules, opened, self._exceptions, self._memo)
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +191,25 @@ class AddressDecision:
 _DENY_NOT_ALLOWED = Decision(allowed=False, reason=Reason.NOT_ALLOWED, rule=None)
 _REPORTED_NOT_ALLOWED = Decision(allowed=True, reason=Reason.NOT_ALLOWED, rule=None, reported=True)
 _NAME_NOT_ALLOWED = NamePlan(name_rule=None, must_resolve=False, decision_if_not=_DENY_NOT_ALLOWED)
+_RESOLVE_FOR_ADDRESSES = NamePlan(
+    name_rule=None, must_resolve=True, decision_if_not=_DENY_NOT_ALLOWED
+)
+
+
+@functools.lru_cache(maxsize=4096)
+def _allowed_by(rule_text: str) -> Decision:
+    """The decision a rule allows with: an immutable value, the same for every connection
+    that rule lets through, so made once rather than per connection."""
+    return Decision(True, Reason.ALLOWED, rule_text)
+
+
+@functools.lru_cache(maxsize=1024)
+def _special_denial(ip: IPAddress) -> Decision:
+    """The denial of a special-purpose address (formatting its range costs ~10 µs, and the same
+    few, such as 169.254.169.254, come again and again)."""
+    return Decision(
+        False, Reason.SPECIAL_ADDRESS, None, detail=f"{ip} is {canonical_special_range(ip)}"
+    )
 
 
 def decide_name(app: AppPolicy, host: str, port: int) -> NamePlan:
@@ -151,7 +223,7 @@ def decide_name(app: AppPolicy, host: str, port: int) -> NamePlan:
     if rule is not None:
         return NamePlan(name_rule=rule, must_resolve=True, decision_if_not=_DENY_NOT_ALLOWED)
     if app.rules.has_address_rules_for_port(port) or app.mode is Mode.REPORT:
-        return NamePlan(name_rule=None, must_resolve=True, decision_if_not=_DENY_NOT_ALLOWED)
+        return _RESOLVE_FOR_ADDRESSES
     return _NAME_NOT_ALLOWED
 
 
@@ -165,12 +237,12 @@ def decide_address(
     special = canonical_special_range(ip)
     if special is not None:
         if not app.exceptions.covers_canonical(ip):
-            return Decision(False, Reason.SPECIAL_ADDRESS, None, detail=f"{ip} is {special}")
+            return _special_denial(ip)
         if name_rule is not None and isinstance(name_rule.target, HostExact):
-            return Decision(True, Reason.ALLOWED, name_rule.text)
+            return _allowed_by(name_rule.text)
         rule = app.opened.match_address(ip, port)
         if rule is not None:
-            return Decision(True, Reason.ALLOWED, rule.text)
+            return _allowed_by(rule.text)
         if name_rule is None and app.mode is Mode.ENFORCE and not app.rules.match_address(ip, port):
             return _DENY_NOT_ALLOWED  # opened, but nothing of this app's even covers it
         return Decision(
@@ -185,10 +257,21 @@ def decide_address(
         )
     rule = name_rule if name_rule is not None else app.rules.match_address(ip, port)
     if rule is not None:
-        return Decision(True, Reason.ALLOWED, rule.text)
+        return _allowed_by(rule.text)
     if app.mode is Mode.REPORT:
         return _REPORTED_NOT_ALLOWED
     return _DENY_NOT_ALLOWED
+
+
+def _each_once(addresses: tuple[IPAddress, ...]) -> Iterable[IPAddress]:
+    """The addresses in order, each once (a few answers: compared, cheaper than hashed)."""
+    if len(addresses) > 8:
+        return dict.fromkeys(addresses)
+    once: list[IPAddress] = []
+    for ip in addresses:
+        if ip not in once:
+            once.append(ip)
+    return once
 
 
 def decide_addresses(
@@ -200,10 +283,14 @@ def decide_addresses(
     else the first special-purpose denial (the most useful reason to show), else the first
     denial. ``None`` when there are no addresses at all.
     """
+    addresses = tuple(addresses)
+    if len(addresses) == 1:  # the usual answer: one address, one decision
+        decision = decide_address(app, addresses[0], port, name_rule=name_rule)
+        return AddressDecision(decision, addresses if decision.allowed else ())
     allowed: list[IPAddress] = []
     best_allowed: Decision | None = None
     denial: Decision | None = None
-    for ip in dict.fromkeys(addresses):
+    for ip in _each_once(addresses):
         decision = decide_address(app, ip, port, name_rule=name_rule)
         if decision.allowed:
             allowed.append(ip)

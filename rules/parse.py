@@ -9,6 +9,7 @@ because operators read them at start-up and from ``egress rules add``.
 
 from __future__ import annotations
 
+import functools
 import re
 from ipaddress import IPv4Network, IPv6Network
 from typing import Final
@@ -45,10 +46,10 @@ def parse_rule(text: str) -> Rule:
     host_text, ports_text = _split(text, stripped)
     try:
         target = _parse_target(host_text)
-        ports = parse_ports(ports_text)
+        ports, ports_shown = _ports(ports_text)
     except ValueError as exc:
         raise RuleSyntaxError(text, f"rule {show(text)}: {exc}") from None
-    return Rule.of(target, ports)
+    return Rule(f"{target}:{ports_shown}", target, ports)  # what Rule.of builds
 
 
 def _split(original: str, text: str) -> tuple[str, str]:
@@ -115,6 +116,18 @@ def _parse_target(host: str) -> Target:
 
 def parse_ports(text: str) -> PortSet:
     """Parse ``443``, ``80,443``, ``8000-8100``, mixes, or ``*``; raise ``ValueError``."""
+    return _ports(text)[0]
+
+
+@functools.lru_cache(maxsize=4096)
+def _ports(text: str) -> tuple[PortSet, str]:
+    """The ports and their canonical text: a few spellings (``443``, ``80,443``) recur in
+    thousands of rules, and a port set is an immutable value."""
+    ports = _parse_ports(text)
+    return ports, str(ports)
+
+
+def _parse_ports(text: str) -> PortSet:
     if not text.strip():
         raise ValueError("no ports after ':'; expected PORTS such as '443', '80,443' or '*'")
     items = [item.strip() for item in text.split(",")]
