@@ -20,12 +20,19 @@ import asyncio
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
-from typing import cast
+from typing import Final, cast
 
 from egress.outcomes import OUTCOMES, DecisionLabel, Outcome
 from egress.resolver import Resolution, ResolveError, ResolveFailure
 from ratelimit.base import LimitResult
-from rules.decide import AppPolicy, Decision, decide_address, decide_addresses, decide_name
+from rules.decide import (
+    AppPolicy,
+    Decision,
+    Reason,
+    decide_address,
+    decide_addresses,
+    decide_name,
+)
 from rules.model import HostExact, Rule
 from rules.special import effective_address
 
@@ -85,8 +92,12 @@ class Lookup:
     name_rule: Rule | None
 
 
+# rules.decide.Reason values are Outcome values; a dict lookup, not Outcome(...), per decision.
+_OUTCOME_OF: Final = {reason: Outcome(reason.value) for reason in Reason}
+
+
 def _verdict(decision: Decision, addresses: tuple[IPAddress, ...] = ()) -> Verdict:
-    reason = Outcome(decision.reason.value)  # rules.decide.Reason values are Outcome values
+    reason = _OUTCOME_OF[decision.reason]
     if not decision.allowed:
         return Verdict(reason, detail=decision.detail)
     return Verdict(

@@ -141,7 +141,8 @@ class ProxyRuntime:
             self.store_source = StoreRuleSource(
                 self.store, self.metrics, check_interval=config.rules.check_interval
             )
-        self.holder = self._new_holder(self.source.latest)
+        with full_collections_deferred():  # start() collects once, then freezes
+            self.holder = self._new_holder(self.source.latest)
         self.registry = ConnectionRegistry(
             self.metrics,
             max_connections=config.proxy.max_connections,
@@ -200,7 +201,8 @@ class ProxyRuntime:
         if self.store_source is not None:
             first = await self.store_source.first(_FIRST_READ_SECONDS)
             if first is not None:
-                self.holder = self._new_holder(first.rule_set)
+                with full_collections_deferred():
+                    self.holder = self._new_holder(first.rule_set)
         else:
             self.metrics.rule_store_up.set(1)
         # The config and the first snapshot stay for a long time; no client is connected yet.
