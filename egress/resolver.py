@@ -57,6 +57,7 @@ import aiodns
 import pycares
 from aiodns import error as ares_error
 
+from egress.config.model import ResolverConfig
 from rules.special import effective_address
 
 __all__ = [
@@ -66,6 +67,7 @@ __all__ = [
     "ResolveFailure",
     "Resolver",
     "ResolverStatistics",
+    "make_resolver",
     "parse_nameserver",
 ]
 
@@ -739,3 +741,17 @@ def _failure(exc: BaseException) -> _Family:
     if isinstance(exc, Exception):
         return _Family([], [], ResolveFailure.ERROR, f"DNS error: {type(exc).__name__}: {exc}")
     raise exc  # KeyboardInterrupt and friends are not DNS outcomes
+
+
+def make_resolver(settings: ResolverConfig) -> Resolver:
+    """The resolver ``[resolver]`` describes (the proxy's, and ``egress rules check``'s)."""
+    return Resolver(
+        nameservers=[str(server) for server in settings.nameservers],
+        timeout=settings.timeout,
+        attempts=settings.attempts,
+        min_ttl=settings.min_ttl,
+        max_ttl=settings.max_ttl,
+        negative_ttl=settings.negative_ttl,
+        max_addresses_per_family=settings.max_addresses_per_family,
+        max_cache_bytes=settings.max_cache_bytes,
+    )

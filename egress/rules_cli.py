@@ -443,7 +443,7 @@ async def _check(session: _Session) -> int:
         raise InvalidInputError(str(error)) from None
     state = await session.store.read()
     app = _app(state, session.args.app)
-    from egress.runtime import make_resolver  # noqa: PLC0415 - slow to import: only when needed
+    from egress.resolver import make_resolver  # noqa: PLC0415 - only when needed
 
     settings = session.config.resolver
     resolver = make_resolver(settings)

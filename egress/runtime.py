@@ -27,7 +27,7 @@ from aiohttp import web
 from egress import oplog
 from egress.admin.app import build_admin_app
 from egress.checking import CheckResult, check
-from egress.config import Config, ResolverConfig, load_config
+from egress.config import Config, load_config
 from egress.config import RuleStore as StoreKind
 from egress.connlog import ConnectionLog
 from egress.context import ConnectionContext, ProxySettings
@@ -39,7 +39,7 @@ from egress.net.dialer import dial
 from egress.net.identity import ConnectionOwners, make_tcp_owner_lookup
 from egress.net.registry import ConnectionRegistry
 from egress.net.transparent import TransparentConnection
-from egress.resolver import Resolver
+from egress.resolver import Resolver, make_resolver
 from egress.rulesource import FileRuleSource, SnapshotHolder, StoreRuleSource
 from egress.server import ListenerError, Listeners
 from egress.stores import open_store
@@ -84,19 +84,6 @@ def check_proxy_uid(config: Config, uid: int) -> None:
                 f" inside {uids}; the firewall would reject the proxy's own connections. Run the"
                 " proxy as a uid outside the sandbox ranges (or root)."
             )
-
-
-def make_resolver(settings: ResolverConfig) -> Resolver:
-    return Resolver(
-        nameservers=[str(server) for server in settings.nameservers],
-        timeout=settings.timeout,
-        attempts=settings.attempts,
-        min_ttl=settings.min_ttl,
-        max_ttl=settings.max_ttl,
-        negative_ttl=settings.negative_ttl,
-        max_addresses_per_family=settings.max_addresses_per_family,
-        max_cache_bytes=settings.max_cache_bytes,
-    )
 
 
 def restart_needed(old: Config, new: Config) -> list[str]:
