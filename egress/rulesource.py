@@ -48,6 +48,11 @@ class RulesUpdate:
     rule_set: RuleSet
     revoke: bool = False
     committed_at: float | None = None
+    replaces: bool = False  # install even if its version is not newer (the store went back)
+
+
+def _same_commit(a: StoreState, b: StoreState) -> bool:
+    return a.version == b.version and a.committed_at == b.committed_at
 
 
 class RuleSource(Protocol):
@@ -178,17 +183,31 @@ class StoreRuleSource:
         self._hint.clear()
         before = self._latest
         try:
-            if before is not None and await self.store.version() == before.version:
-                self.reachable = True
-                return None
+            # A read, not a version check: the backend answers an unchanged store from what it
+            # has, and it tells a store that went back (same or lower version, other commit).
             state = await self._read()
         except (StoreError, InvalidRuleSetError) as error:
             self._failed(error)
             return None
-        if before is not None and state.version <= before.version:
+        if before is None:
+            return RulesUpdate(state.rule_set, False, state.committed_at)
+        if state is before or _same_commit(state, before):
             return None
-        revoke = before is None or state.revoke_version > before.version
-        return RulesUpdate(state.rule_set, revoke and before is not None, state.committed_at)
+        if state.version > before.version:
+            revoke = state.revoke_version > before.version
+            return RulesUpdate(state.rule_set, revoke, state.committed_at)
+        # The store went back: a failover to a replica that had not seen the last commits, a
+        # restore, a restart without persistence. What it holds now is the truth; what was
+        # lost may have been removals, so nothing stays open that it does not allow.
+        log.warning(
+            "the rule store went back; applying what it holds now",
+            extra={
+                "store": self.store.name,
+                "version": state.version,
+                "had_version": before.version,
+            },
+        )
+        return RulesUpdate(state.rule_set, True, state.committed_at, replaces=True)
 
     async def _read(self) -> StoreState:
         state = await self.store.read()
@@ -240,6 +259,7 @@ class SnapshotHolder:
         self._slice = slice_seconds
         self._pending_rules: RuleSet | None = None
         self._pending_revoke = False
+        self._pending_replaces = False
         self._pending_committed_at: float | None = None
         self.on_installed: Callable[[PolicySnapshot, bool], None] | None = None
         """Called after each swap with the new snapshot and whether to revoke (the runtime
@@ -263,12 +283,19 @@ class SnapshotHolder:
         self._wake.set()
 
     def offer(
-        self, rule_set: RuleSet, *, revoke: bool = False, committed_at: float | None = None
+        self,
+        rule_set: RuleSet,
+        *,
+        revoke: bool = False,
+        committed_at: float | None = None,
+        replaces: bool = False,
     ) -> None:
         """Queue a rule set; only the newest queued one is compiled (a revoke asked for by a
-        replaced one is kept)."""
+        replaced one is kept). ``replaces``: install it even if its version is older (the
+        store went back; its state is the truth)."""
         self._pending_rules = rule_set
         self._pending_revoke = self._pending_revoke or revoke
+        self._pending_replaces = replaces
         self._pending_committed_at = committed_at
         self._idle.clear()
         self._wake.set()
@@ -287,7 +314,15 @@ class SnapshotHolder:
         """Feed every update of ``source`` to the holder (a task of the runtime's group)."""
         async for update in source.updates():
             if update.rule_set is not self.current.ruleset:
-                self.offer(update.rule_set, revoke=update.revoke, committed_at=update.committed_at)
+                self.offer_update(update)
+
+    def offer_update(self, update: RulesUpdate) -> None:
+        self.offer(
+            update.rule_set,
+            revoke=update.revoke,
+            committed_at=update.committed_at,
+            replaces=update.replaces,
+        )
 
     async def run(self) -> None:
         """Compile and install what is offered, one at a time (a task of the runtime's group)."""
@@ -296,13 +331,16 @@ class SnapshotHolder:
             self._wake.clear()
             rule_set, self._pending_rules = self._pending_rules, None
             revoke, self._pending_revoke = self._pending_revoke, False
+            replaces, self._pending_replaces = self._pending_replaces, False
             committed_at, self._pending_committed_at = self._pending_committed_at, None
             if rule_set is not None:
                 try:
-                    if await self._install(rule_set, self._exceptions):
+                    if await self._install(rule_set, self._exceptions, replaces=replaces):
                         self._installed(revoke, committed_at)
                 finally:
-                    self._attempted = max(self._attempted, rule_set.version)
+                    self._attempted = (
+                        rule_set.version if replaces else max(self._attempted, rule_set.version)
+                    )
                     async with self._settled:
                         self._settled.notify_all()
             if self._pending_rules is None:
@@ -317,10 +355,12 @@ class SnapshotHolder:
             except Exception:  # a bug here must not stop rule updates
                 log.exception("after installing rules")
 
-    async def _install(self, rule_set: RuleSet, exceptions: SpecialExceptions) -> bool:
+    async def _install(
+        self, rule_set: RuleSet, exceptions: SpecialExceptions, *, replaces: bool = False
+    ) -> bool:
         """Compile and swap; False when the set was refused (older, or failed to compile)."""
         current = self.current
-        if rule_set.version < current.version:
+        if rule_set.version < current.version and not replaces:
             log.warning(
                 "ignored an older rules version",
                 extra={"version": rule_set.version, "current": current.version},

@@ -308,9 +308,7 @@ class ProxyRuntime:
         """Feed the shared store's versions to the holder; keep the up gauge true."""
         async for update in source.updates():
             if update.rule_set is not self.holder.current.ruleset:
-                self.holder.offer(
-                    update.rule_set, revoke=update.revoke, committed_at=update.committed_at
-                )
+                self.holder.offer_update(update)
 
     async def _watch_config(self) -> None:
         """File store: an edit of the config file (by `egress rules`, the admin API or an

@@ -248,7 +248,11 @@ async def _run_with(path: Path, config: Config, backend: Backend, store: Store |
                     _log.error("firewall config rejected", extra={"error": str(error)})
             if store is not None and (store_version < 0 or hinted or interval_due):
                 planned = await _store_plan(config, store, metrics)
-                if planned is not None and planned[0].ruleset.version != store_version:
+                # By content, not version: a store that went back (failover, restore) may
+                # hold other apps under a version seen before.
+                if planned is not None and (
+                    store_version < 0 or planned[0].ruleset.apps != config.ruleset.apps
+                ):
                     config, plan = planned
                     store_version = config.ruleset.version
             next_pass = time.monotonic() + config.firewall.interval

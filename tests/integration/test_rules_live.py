@@ -179,3 +179,69 @@ def test_a_redis_store_edit_applies_through_the_change_feed(tmp_path: Path) -> N
 
     with RedisServer(tmp_path / "redis") as server:
         run("uvloop", main(server))
+
+
+def test_a_redis_store_that_went_back_is_followed_and_revokes(tmp_path: Path) -> None:
+    """Redis lost its last commits (a failover to a lagging replica, a restore): the proxy
+    applies what the store holds now, even at a version it saw before, and closes what that
+    no longer allows; a later commit that lands on a version number seen before is applied
+    too (a version is not an identity)."""
+
+    async def main(server: RedisServer) -> None:
+        async with EchoUpstream() as first, EchoUpstream() as second:
+            data = loopback_config(
+                app=[],
+                rules={"store": "redis", "check_interval": 0.3},
+                redis={"url": server.url},
+            )
+            both = loopback_config(first.port, second.port)["app"]
+            only_first = loopback_config(first.port)["app"]
+            writer = open_store(config_from(data))
+            for _ in range(3):  # version 3: both allowed
+                await writer.commit(
+                    ReplaceAll(RuleSet.from_data({"app": both}, version=0, source="seed")),
+                    ACTOR,
+                )
+                both[0]["allow"] = list(reversed(both[0]["allow"]))
+            async with running_proxy(data, tmp_path) as proxy:
+                assert proxy.runtime.holder.current.version == 3
+                reader, writer_tunnel = await open_as_uid(
+                    APP_UID, *proxy.address(ListenerKind.SOCKS5)
+                )
+                assert await socks5_connect(reader, writer_tunnel, "127.0.0.1", second.port) == 0
+                with server.client() as client:
+                    client.flushall()  # the commits are gone
+                await writer.aclose()
+                writer = open_store(config_from(data))
+                lost = await writer.commit(
+                    ReplaceAll(RuleSet.from_data({"app": only_first}, version=0, source="again")),
+                    ACTOR,
+                )
+                assert lost.state.version == 1
+                await eventually(
+                    lambda: proxy.runtime.holder.current.version == 1,
+                    "the proxy follows the store back to version 1",
+                    timeout=5.0,
+                )
+                assert await code_of(proxy, second.port) == 0x02
+                assert await asyncio.wait_for(reader.read(1), 2) == b""  # revoked
+                # Versions 2 and 3 again, with other content than the proxy saw at 3 before.
+                await writer.commit(AddRules("blog", (parse_rule("a.example.com:443"),)), ACTOR)
+                third = await writer.commit(
+                    AddRules("blog", (parse_rule(f"127.0.0.1:{second.port}"),)), ACTOR
+                )
+                assert third.state.version == 3
+                await eventually(
+                    lambda: (
+                        "a.example.com:443"
+                        in {r.text for r in proxy.runtime.holder.current.ruleset.apps[0].allow}
+                    ),
+                    "version 3 as the store holds it now",
+                    timeout=5.0,
+                )
+                assert await code_of(proxy, second.port) == 0
+                writer_tunnel.close()
+            await writer.aclose()
+
+    with RedisServer(tmp_path / "redis") as server:
+        run("uvloop", main(server))
