@@ -33,7 +33,7 @@ from rules.decide import (
     decide_addresses,
     decide_name,
 )
-from rules.model import HostExact, Rule
+from rules.model import HostExact, Network, Rule
 from rules.special import effective_address
 
 __all__ = [
@@ -42,6 +42,7 @@ __all__ = [
     "after_lookup",
     "after_lookup_failure",
     "combine",
+    "decide_again",
     "evaluate",
     "first_step",
 ]
@@ -166,6 +167,47 @@ def after_lookup(app: AppPolicy, lookup: Lookup, addresses: Sequence[IPAddress])
     if folded is None:
         return Verdict(Outcome.DNS_FAILURE, detail="the name has no addresses")
     return _verdict(folded.decision, folded.addresses)
+
+
+def decide_again(
+    app: AppPolicy,
+    host: str | IPAddress,
+    port: int,
+    addresses: Sequence[IPAddress],
+    *,
+    allowed_by: str | None,
+    names_for: NamesFor | None = None,
+) -> Verdict:
+    """An allowed connection decided again under new rules (a revoke): ``host`` as it was
+    asked for, ``addresses`` the ones it is dialing or was dialed to.
+
+    A name is decided for those addresses (no new lookup). An address asked for in transparent
+    mode was allowed through a name rule that the DNS cache tied to it; the cache may have
+    expired since, so the rule that allowed it (``allowed_by``) stands in for the cache while
+    the app still has it.
+    """
+    if isinstance(host, str):
+        step = first_step(app, host, port)
+        if isinstance(step, Lookup):
+            return after_lookup(app, step, addresses)
+        return step
+    if names_for is not None and allowed_by is not None:
+        rule = _rules_by_text(app).get(allowed_by)
+        if rule is not None and not isinstance(rule.target, Network):
+            address = effective_address(host)
+            return _verdict(decide_address(app, address, port, name_rule=rule), (address,))
+    verdict = first_step(app, host, port, names_for=names_for)
+    assert isinstance(verdict, Verdict)  # an address is decided without a lookup
+    return verdict
+
+
+def _rules_by_text(app: AppPolicy) -> dict[str, Rule]:
+    """The app's rules by text, made once per snapshot (revokes look rules up by text)."""
+    key = ("rules by text", app.app.name)
+    found = app.memo.get(key)
+    if found is None:
+        found = app.memo[key] = {rule.text: rule for rule in app.app.allow}
+    return cast(dict[str, Rule], found)
 
 
 def after_lookup_failure(error: ResolveError) -> Verdict:

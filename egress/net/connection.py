@@ -30,7 +30,7 @@ from egress.metrics import UNKNOWN_APP
 from egress.net.dialer import DialError, Dialled, hostport
 from egress.net.relay import StreamFilter, Tunnel
 from egress.outcomes import OUTCOMES, SOCKS5_SUCCEEDED, Outcome
-from egress.policy import Lookup, Verdict, after_lookup, evaluate, first_step
+from egress.policy import Verdict, decide_again, evaluate
 from egress.proto import http_proxy, socks5
 from rules.addresses import HostSyntaxError, canonical_host
 from rules.decide import AppPolicy
@@ -270,9 +270,9 @@ class ClientConnection(asyncio.Protocol):
         self.app = None  # decided: from here on only the name is needed
         del app  # (this frame lives through the dial)
         if self.recheck_under is not None and verdict.allowed:
-            self.recheck(self.recheck_under)  # rules were revoked while this was deciding
-            self.recheck_under = None
-            if self.outcome is Outcome.REVOKED:
+            # Rules were revoked while this was deciding: decide again under them.
+            snapshot, self.recheck_under = self.recheck_under, None
+            if self.recheck(snapshot):
                 return
         if not verdict.allowed:
             self.fail(verdict.outcome, verdict.detail, retry_after=verdict.retry_after)
@@ -294,6 +294,11 @@ class ClientConnection(asyncio.Protocol):
             upstream.close()
             return
         self.dialled = dialled
+        if self.recheck_under is not None:  # revoked while dialing: check the address it got
+            snapshot, self.recheck_under = self.recheck_under, None
+            if self.recheck(snapshot):
+                upstream.close()
+                return
         try:
             self.send_success(dialled)
             self.tunnel = Tunnel(
@@ -364,24 +369,28 @@ class ClientConnection(asyncio.Protocol):
         if verdict is None or target is None:
             if self.app is not None:
                 self.app = policy  # still in its handshake: decide under the new rules
-            elif target is not None:
+            if self._task is not None:
                 self.recheck_under = snapshot  # being decided now: decide again after
             return False
         if not verdict.allowed:
             return False
         host, port = target
-        names_for = (
-            self.ctx.resolver.cached_names_for if self.kind is ListenerKind.TRANSPARENT else None
+        dialled = self.dialled
+        transparent = self.kind is ListenerKind.TRANSPARENT
+        again = decide_again(
+            policy,
+            host,
+            port,
+            verdict.addresses if dialled is None else (dialled.address,),
+            allowed_by=verdict.rule,
+            names_for=self.ctx.resolver.cached_names_for if transparent else None,
         )
-        step = first_step(policy, host, port, names_for=names_for)
-        if isinstance(step, Lookup):
-            dialled = self.dialled
-            addresses = verdict.addresses if dialled is None else (dialled.address,)
-            step = after_lookup(policy, step, addresses)
-        if step.allowed:
-            return False
-        self._revoke(f"{step.reason}: {step.detail or OUTCOMES[step.outcome].detail}")
-        return True
+        if not again.allowed:
+            self._revoke(f"{again.reason}: {again.detail or OUTCOMES[again.outcome].detail}")
+            return True
+        if dialled is None and self.tunnel is None:
+            self.recheck_under = snapshot  # still dialing: check the address it connects to
+        return False
 
     def _revoke(self, detail: str) -> None:
         self.outcome = Outcome.REVOKED
