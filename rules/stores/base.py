@@ -11,7 +11,9 @@ overwrite one another unseen.
 from __future__ import annotations
 
 import asyncio
-import getpass
+import functools
+import os
+import pwd
 import random
 import socket
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -47,13 +49,17 @@ class Actor:
 
     @classmethod
     def os_user(cls) -> Actor:
-        """The user running this process, on this host (the CLI's actor)."""
+        """The user this process runs as, on this host (the CLI's actor): from the uid, never
+        from ``$USER``/``$LOGNAME``, which anyone can set. Under sudo the invoking user is
+        noted too (sudo sets ``SUDO_USER``, and only root could have set it otherwise)."""
+        uid = os.getuid()
         try:
-            user = getpass.getuser()
-        except (KeyError, OSError):
-            import os  # noqa: PLC0415
-
-            user = f"uid {os.getuid()}"
+            user = pwd.getpwuid(uid).pw_name
+        except KeyError:
+            user = f"uid {uid}"
+        invoker = os.environ.get("SUDO_USER")
+        if uid == 0 and invoker and invoker != user:
+            user = f"{user} (sudo by {invoker})"
         return cls(user, "cli", socket.gethostname())
 
     def to_data(self) -> dict[str, str]:
@@ -128,16 +134,19 @@ class StoreState:
     rule_set: RuleSet
     revoke_version: int = 0
     committed_at: float | None = None
+    _by_name: dict[str, App] | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def version(self) -> int:
         return self.rule_set.version
 
     def app(self, name: str) -> App | None:
-        for app in self.rule_set.apps:
-            if app.name == name:
-                return app
-        return None
+        """The app called ``name`` (a dict, made at the first call: imports ask per app)."""
+        by_name = self._by_name
+        if by_name is None:
+            by_name = {app.name: app for app in self.rule_set.apps}
+            object.__setattr__(self, "_by_name", by_name)
+        return by_name.get(name)
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,16 +234,14 @@ class RuleStore:
         """
         for attempt in range(self.max_attempts):
             base = await self.read()
-            wanted = edit(base) if callable(edit) else edit
-            if if_match is not None:
-                _check_precondition(base, wanted, if_match)
-            if len(base.rule_set) > _EDIT_ON_LOOP_MAX_APPS:
+            work = functools.partial(
+                _prepared, base, edit, self.name, actor=actor, revoke=revoke, if_match=if_match
+            )
+            if len(base.rule_set) > _EDIT_ON_LOOP_MAX_APPS or _is_bulk(edit):
                 # Checking the whole set costs ~5 µs an app: off the loop of a proxy's API.
-                change, draft = await asyncio.to_thread(
-                    _prepared, base, wanted, self.name, actor, revoke
-                )
+                change, draft = await asyncio.to_thread(work)
             else:
-                change, draft = _prepared(base, wanted, self.name, actor, revoke)
+                change, draft = work()
             if dry_run or not change.changed:
                 return Committed(base, change, None, dry_run)
             after = await self.backend.write(base, change, draft)
@@ -259,10 +266,28 @@ class RuleStore:
         await self.backend.aclose()
 
 
+def _is_bulk(edit: Edit | Callable[[StoreState], Edit]) -> bool:
+    """Work to keep off the loop whatever the store's size: a big import, or a function of
+    the state (the API's PATCH and import, whose cost the store cannot see)."""
+    if callable(edit):
+        return True
+    return isinstance(edit, ReplaceAll) and len(edit.rule_set) > _EDIT_ON_LOOP_MAX_APPS
+
+
 def _prepared(
-    base: StoreState, edit: Edit, source: str, actor: Actor, revoke: bool
+    base: StoreState,
+    edit: Edit | Callable[[StoreState], Edit],
+    source: str,
+    *,
+    actor: Actor,
+    revoke: bool,
+    if_match: str | None,
 ) -> tuple[Change, AuditDraft]:
-    change = apply_edit(base.rule_set, edit, source=source)
+    """The edit worked out on ``base``: pure, so it may run in a thread."""
+    wanted = edit(base) if callable(edit) else edit
+    if if_match is not None:
+        _check_precondition(base, wanted, if_match)
+    change = apply_edit(base.rule_set, wanted, source=source)
     records = tuple(each.describe() for each in change.apps)
     return change, AuditDraft(actor, change.summary(), records, revoke)
 

@@ -133,6 +133,7 @@ def redact_url(url: str) -> str:
 
 
 _PARSE_ON_LOOP_MAX = 64  # changed apps parsed on the event loop; more go to a thread
+_BUILD_ON_LOOP_MAX_APPS = 500  # a bigger RuleSet (checked across apps) is built in a thread
 
 
 @dataclass(frozen=True, slots=True)
@@ -301,7 +302,7 @@ class RedisBackend:
                 strays = sorted({_text(k) for k in again[-1]} - revs.keys())
         else:
             docs = {}
-        if len(docs) > _PARSE_ON_LOOP_MAX:
+        if len(docs) > _PARSE_ON_LOOP_MAX or len(revs) > _BUILD_ON_LOOP_MAX_APPS:
             # Parsing thousands of apps (a first read, a restored store) would stall the
             # event loop of the proxy that reads them: do it in a thread.
             apps, rule_set = await asyncio.to_thread(

@@ -7,9 +7,10 @@ the Redis tests at the end run against a real ``redis-server``.
 
 from __future__ import annotations
 
-import getpass
 import hashlib
 import json
+import os
+import pwd
 import socket
 import subprocess
 import tomllib
@@ -92,9 +93,12 @@ def apps_in(config: Path) -> dict[str, dict[str, Any]]:
     return {app["name"]: app for app in data.get("app", [])}
 
 
+OS_USER = pwd.getpwuid(os.getuid()).pw_name
+
+
 def who() -> str:
     """How ``history`` names the user running these tests."""
-    return f"{getpass.getuser()} (cli on {socket.gethostname()})"
+    return f"{OS_USER} (cli on {socket.gethostname()})"
 
 
 # --- reading ---------------------------------------------------------------------------------
@@ -180,7 +184,7 @@ def test_add_and_remove_edit_the_file_and_leave_an_audit_trail(config: Path) -> 
     [record] = records["records"]
     assert record["version"] == 2
     assert record["actor"] == {
-        "name": getpass.getuser(),
+        "name": OS_USER,
         "via": "cli",
         "host": socket.gethostname(),
     }
@@ -456,7 +460,7 @@ def test_import_seeds_a_redis_store_that_list_show_add_and_check_then_use(
 
     history = json.loads(ok(rules(node, "history", "--json")))["records"]
     assert [record["version"] for record in history] == [2, 1]
-    assert history[0]["actor"]["name"] == getpass.getuser()
+    assert history[0]["actor"]["name"] == OS_USER
 
 
 def test_redis_down_is_exit_5_naming_the_store(tmp_path: Path, dns: DnsStub) -> None:
@@ -468,3 +472,13 @@ def test_redis_down_is_exit_5_naming_the_store(tmp_path: Path, dns: DnsStub) -> 
     down = fails(rules(node, "add", "blog", "cdn.example.net:443"), 5)
     assert f"rule store {url}: " in down
     assert "is Redis running" in down
+
+
+def test_the_audit_trail_names_the_uid_not_what_the_environment_claims(config: Path) -> None:
+    env = {**os.environ, "USER": "mallory", "LOGNAME": "mallory"}
+    edited = run_egress(
+        "rules", "add", "blog", "cdn.example.net:443", "--config", str(config), env=env
+    )
+    assert edited.returncode == 0, edited.stderr
+    history = json.loads(ok(rules(config, "history", "--json")))["records"]
+    assert history[0]["actor"]["name"] == OS_USER != "mallory"
