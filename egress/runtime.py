@@ -420,19 +420,20 @@ class ProxyRuntime:
         return True
 
     async def _file_edits(self, old: Config, new: Config) -> tuple[bool, float | None]:
-        """What the file store's audit trail says of the edits between two reads of the file:
-        whether one asked for revoke, and when the newest was committed."""
+        """What the file store says of the edits between two reads of the file: whether one
+        asked for revoke (``[rules].revoke_version``, written with the edit itself), and when
+        the newest was committed (its audit trail; advisory)."""
         first, last = old.rules.version, new.rules.version
         if last <= first:
-            return False, None  # a hand edit: no audit record
+            return False, None  # a hand edit: no commit of the store
+        revoke = new.rules.revoke_version > first
         try:
-            records = await self.store.history(limit=max(1, min(last - first, 1000)))
+            records = await self.store.history(limit=1)
         except Exception as exc:  # the trail is advisory here; the rules still apply
             log.warning("cannot read the rules audit trail", extra={"error": str(exc)[:300]})
-            return False, None
-        edits = [record for record in records if first < record.version <= last]
-        committed_at = max((record.at for record in edits), default=None)
-        return any(record.revoke for record in edits), committed_at
+            return revoke, None
+        newest = records[0] if records and first < records[0].version <= last else None
+        return revoke, None if newest is None else newest.at
 
     def _read(self, path: Path) -> tuple[Config, RuleSet | None]:
         """Off the event loop: read and check the file, and version its rules if they changed

@@ -38,6 +38,7 @@ __all__ = [
 
 AUDIT_RULES_SHOWN: Final = 1000
 """An audit record lists at most this many added and removed rules (and counts the rest)."""
+_SUMMARY_APPS: Final = 20  # a summary names apps one by one up to this many
 
 
 class UnknownAppError(LookupError):
@@ -178,7 +179,24 @@ class Change:
         return bool(self.apps)
 
     def summary(self) -> str:
-        """One line for humans: ``changed blog (+2 rules); created shop``."""
+        """One line for humans: ``changed blog (+2 rules); created shop``; for a commit of
+        many apps, counts (``created 9000 apps, changed 12 apps (app1, app2, ...)``)."""
+        if len(self.apps) > _SUMMARY_APPS:
+            by_action: dict[str, list[str]] = {}
+            for each in self.apps:
+                action = (
+                    "created"
+                    if each.before is None
+                    else "deleted"
+                    if each.after is None
+                    else "changed"
+                )
+                by_action.setdefault(action, []).append(each.name)
+            parts = []
+            for action, names in by_action.items():
+                shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+                parts.append(f"{action} {len(names)} apps ({shown})")
+            return "; ".join(parts)
         parts = []
         for each in self.apps:
             record = each.describe()

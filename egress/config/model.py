@@ -190,6 +190,7 @@ class SecurityConfig:
 class RulesConfig:
     store: RuleStore = RuleStore.FILE
     version: int = 0  # file store: the version of the [[app]] tables (`egress rules` bumps it)
+    revoke_version: int = 0  # file store: the newest version committed with revoke
     redis_prefix: str = "egress"  # Redis keys are "{<prefix>}:rules:..." (one Cluster slot)
     check_interval: float = 2.0  # the change feed's backstop: compare versions this often
     audit_max_records: int = 10_000  # the audit trail keeps this many newest records

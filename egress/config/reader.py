@@ -218,6 +218,7 @@ def _read_rules(t: Table) -> RulesConfig:
     return RulesConfig(
         store=t.value("store", choice(RuleStore), d.store),
         version=t.value("version", integer(0, 2**63 - 1), d.version),
+        revoke_version=t.value("revoke_version", integer(0, 2**63 - 1), d.revoke_version),
         redis_prefix=t.value("redis_prefix", _redis_prefix, d.redis_prefix),
         check_interval=t.value("check_interval", _seconds, d.check_interval),
         audit_max_records=t.value(

@@ -50,10 +50,12 @@ class AuditLog:
 
     # --- writing ---------------------------------------------------------------------------
 
-    def open_for_append(self, *, group: int) -> int:
+    def open_for_append(self, *, owner: int, group: int) -> int:
         """A descriptor to append to, opened before the commit so that a trail which cannot be
-        written stops the edit before anything changed. A new trail is created 0640 in
-        ``group`` (the config's: whoever may read the config by its group may read the trail)."""
+        written stops the edit before anything changed. A new trail is created 0640, owned as
+        the config is (``owner``, ``group``): whoever may edit the config may go on writing its
+        trail (root's first edit must not lock the proxy's own user out of it), and whoever
+        may read the config by its group may read the trail."""
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, _MODE)
         except OSError as error:
@@ -63,8 +65,8 @@ class AuditLog:
             ) from None
         with contextlib.suppress(OSError):
             status = os.fstat(fd)
-            if status.st_size == 0 and status.st_uid == os.geteuid() and status.st_gid != group:
-                os.fchown(fd, -1, group)
+            if status.st_size == 0 and status.st_uid == os.geteuid():
+                os.fchown(fd, owner if os.geteuid() == 0 else -1, group)
         return fd
 
     def append(self, fd: int, record: AuditRecord) -> None:

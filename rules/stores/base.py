@@ -36,6 +36,8 @@ __all__ = [
 ]
 
 _MAX_ATTEMPTS = 100
+AUDIT_APPS_SHOWN = 1000
+"""An audit record describes at most this many apps of one commit (and counts the rest)."""
 _EDIT_ON_LOOP_MAX_APPS = 500
 
 
@@ -288,7 +290,11 @@ def _prepared(
     if if_match is not None:
         _check_precondition(base, wanted, if_match)
     change = apply_edit(base.rule_set, wanted, source=source)
-    records = tuple(each.describe() for each in change.apps)
+    # Bounded like each app's rule lists: an import of 10,000 apps leaves a record of a
+    # sensible size (the summary still counts every app).
+    records = tuple(each.describe() for each in change.apps[:AUDIT_APPS_SHOWN])
+    if len(change.apps) > AUDIT_APPS_SHOWN:
+        records += ({"apps_not_shown": len(change.apps) - AUDIT_APPS_SHOWN},)
     return change, AuditDraft(actor, change.summary(), records, revoke)
 
 

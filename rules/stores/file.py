@@ -160,7 +160,8 @@ class FileBackend:
             )
             facts = AuditFacts(None, 0)
         committed_at = facts.committed_at if facts.committed_at is not None else status.st_mtime
-        state = StoreState(rule_set, facts.revoke_version, committed_at)
+        revoke_version = max(facts.revoke_version, _revoke_version(data))
+        state = StoreState(rule_set, revoke_version, committed_at)
         self._parsed = _Parsed(raw, state)
         return state
 
@@ -191,7 +192,9 @@ class FileBackend:
             version = base.version + 1
             text = _text(raw, self.name)
             try:
-                new_text = edit_apps(text.removeprefix(_BOM), change.apps, version=version)
+                new_text = edit_apps(
+                    text.removeprefix(_BOM), change.apps, version=version, revoke=audit.revoke
+                )
             except LayoutError as error:
                 raise StoreError(f"{self.name}: cannot edit the file in place: {error}") from None
             if text.startswith(_BOM):
@@ -199,7 +202,7 @@ class FileBackend:
             rule_set = self._read_back(new_text, change, version)
             if self._validate is not None:
                 self._validate(new_text, self.name)
-            audit_fd = self._audit.open_for_append(group=status.st_gid)
+            audit_fd = self._audit.open_for_append(owner=status.st_uid, group=status.st_gid)
             try:
                 new_raw = new_text.encode()
                 self._replace(target, new_raw, status)
@@ -362,3 +365,10 @@ def _rule_set(data: Mapping[str, Any], source: str) -> RuleSet:
     """The ``[[app]]`` tables and ``[rules].version``, read by the one reader of apps."""
     apps = {"app": data["app"]} if "app" in data else {}
     return RuleSet.from_data(apps, version=_version(data, source), source=source)
+
+
+def _revoke_version(data: Mapping[str, Any]) -> int:
+    """``[rules].revoke_version``: the newest version committed with revoke (0: none)."""
+    rules = data.get("rules")
+    value = rules.get("revoke_version", 0) if isinstance(rules, Mapping) else 0
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0

@@ -59,9 +59,13 @@ class LayoutError(ValueError):
     that is not a table): the edit cannot be written in place."""
 
 
-def edit_apps(text: str, changes: Sequence[AppChange], *, version: int) -> str:
+def edit_apps(
+    text: str, changes: Sequence[AppChange], *, version: int, revoke: bool = False
+) -> str:
     """``text`` with each change applied to its ``[[app]]`` table and ``[rules].version`` set
-    to ``version``. Raises :class:`LayoutError`."""
+    to ``version`` (and ``[rules].revoke_version`` too with ``revoke``: in the same write as
+    the edit, so a proxy that reads the edit also reads that it asked for revoke). Raises
+    :class:`LayoutError`."""
     try:
         layout = _Layout(text)
         for change in changes:
@@ -74,6 +78,8 @@ def edit_apps(text: str, changes: Sequence[AppChange], *, version: int) -> str:
             else:
                 layout.update(before, after)
         layout.set_version(version)
+        if revoke:
+            layout.set_version(version, key="revoke_version")
         return layout.render()
     except TOMLKitError as error:  # a layout tomlkit cannot edit as asked
         raise LayoutError(str(error)) from None
@@ -175,17 +181,17 @@ class _Layout:
 
     # --- [rules].version -------------------------------------------------------------------
 
-    def set_version(self, version: int) -> None:
+    def set_version(self, version: int, *, key: str = "version") -> None:
         rules = self.doc.get("rules")
         if rules is None:
             table = tomlkit.table()
-            table.append("version", version)
+            table.append(key, version)
             table.trivia.indent = "\n"
             self.doc.append("rules", table)
             return
         if not isinstance(rules, Table | InlineTable | OutOfOrderTableProxy):
             raise LayoutError("[rules] is not a table")
-        _put(rules, "version", tomlkit.item(version))
+        _put(rules, key, tomlkit.item(version))
 
     # --- removing a table with a header ----------------------------------------------------
 

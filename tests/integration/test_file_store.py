@@ -624,8 +624,9 @@ def test_the_owner_is_kept(tmp_path: Path) -> None:
     commit(path, DeleteApp("wiki"))
     status = path.stat()
     assert (status.st_uid, status.st_gid, stat.S_IMODE(status.st_mode)) == (12345, 23456, 0o640)
-    audit = (tmp_path / "egress.audit.jsonl").stat()  # created by this writer, in the
-    assert (audit.st_uid, audit.st_gid) == (os.geteuid(), 23456)  # config's group
+    # Created by root, but owned as the config is: its owner's later edits can still write it.
+    audit = (tmp_path / "egress.audit.jsonl").stat()
+    assert (audit.st_uid, audit.st_gid) == (12345, 23456)
 
 
 def test_a_writer_holding_the_lock_too_long_is_reported(tmp_path: Path) -> None:
@@ -829,3 +830,17 @@ def test_readers_never_see_half_a_file(tmp_path: Path) -> None:
         wait_until(read_until_done, "the writer finished", timeout=40, every=0.001)
         assert proc.returncode == 0
     assert len(seen) > 5, seen
+
+
+def test_revoke_is_written_with_the_edit_itself(tmp_path: Path) -> None:
+    """A proxy reloading the file right after the rename (before the audit line exists, or
+    if it could not be written) must still learn that the edit asked for revoke."""
+    path = write(tmp_path / "egress.toml", CONFIG)
+    plain = commit(path, DeleteApp("wiki"))
+    assert load_config(path).rules.revoke_version == 0
+    (tmp_path / "egress.audit.jsonl").unlink()  # the trail is gone: the file alone must say it
+    state = commit(path, UpdateApp("blog", mode=Mode.REPORT), revoke=True)
+    config = load_config(path)
+    assert config.rules.version == state.version == plain.version + 1
+    assert config.rules.revoke_version == state.version
+    assert read_state(path).revoke_version == state.version
