@@ -9,11 +9,11 @@ One real ``redis-server`` on a free port holds ``--apps`` apps; ``--proxies`` re
 proxy`` processes follow it (``[rules].check_interval`` 2 s: the change feed is what is
 measured). Each of ``--edits`` commits (``AddRules`` to one app, as the CLI and the API commit)
 is timed from the commit's return until every node's ``/metrics`` shows the new
-``egress_rules_version`` (polled every 10 ms, so the figures include up to 10 ms of polling; polling faster loads
-the nodes it measures).
-The same-run baseline is a proxy on the file store, which notices its config file change by
-polling it twice a second. The nodes' own ``egress_rules_propagation_seconds`` histogram (store
-commit, by the store's clock, to the snapshot in force) is printed too.
+``egress_rules_version`` (polled every 10 ms, so the figures include up to 10 ms of polling;
+polling faster loads the nodes it measures). The same-run baseline is a proxy on the file
+store, which notices its config file change by polling it twice a second. The nodes' own
+``egress_rules_propagation_seconds`` histogram (store commit, by the store's clock, to the
+snapshot in force) is printed too.
 
 Every loop is bounded: ``--edits`` commits, each waited for at most 5 s.
 """

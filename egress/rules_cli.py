@@ -42,7 +42,14 @@ from egress.config.reader import _syntax_problem
 from egress.errors import EgressError
 from rules.addresses import show
 from rules.apps import App, Limits, Mode, UidRange, sandboxed_uids
-from rules.document import app_etag, app_to_data, apps_from_data, limits_to_data, rule_set_to_data
+from rules.document import (
+    app_etag,
+    app_summary,
+    app_to_data,
+    apps_from_data,
+    limits_to_data,
+    rule_set_to_data,
+)
 from rules.edits import (
     KEEP,
     AppChange,
@@ -373,17 +380,7 @@ async def _list(session: _Session) -> int:
     data = {
         "version": state.version,
         "store": session.store.name,
-        "apps": [
-            {
-                "name": app.name,
-                "uids": [str(uids) for uids in app.uids],
-                "mode": app.mode.value,
-                "rules": len(app.allow),
-                "limits": None if app.limits is None else limits_to_data(app.limits),
-                "etag": app_etag(app),
-            }
-            for app in apps
-        ],
+        "apps": [app_summary(app) for app in apps],
     }
     _emit(session, data, lines)
     return Exit.OK

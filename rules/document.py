@@ -20,6 +20,7 @@ from rules.problems import InvalidRuleSetError, Problem, value_repr
 __all__ = [
     "app_etag",
     "app_from_data",
+    "app_summary",
     "app_to_data",
     "apps_from_data",
     "canonical_json",
@@ -104,3 +105,15 @@ def app_etag(app: App) -> str:
         data["proxy_auth"] = {"username": data["proxy_auth"]["username"]}
     digest = hashlib.sha256(canonical_json(data).encode()).hexdigest()
     return digest[:20]
+
+
+def app_summary(app: App) -> dict[str, Any]:
+    """One row of a listing (the CLI's ``list --json``, the API's ``GET /v1/apps``)."""
+    return {
+        "name": app.name,
+        "uids": [str(uids) for uids in app.uids],
+        "mode": app.mode.value,
+        "rules": len(app.allow),
+        "limits": None if app.limits is None else limits_to_data(app.limits),
+        "etag": app_etag(app),
+    }

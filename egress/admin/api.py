@@ -40,7 +40,7 @@ from egress.admin.openapi import openapi_document
 from egress.checking import CheckResult, DestinationError, parse_destination
 from egress.config.model import AdminToken
 from rules.apps import App
-from rules.document import app_etag, limits_to_data
+from rules.document import app_etag, app_summary
 from rules.edits import (
     CreateApp,
     DeleteApp,
@@ -372,17 +372,7 @@ def _app_response(state: StoreState, app: App, *, status: int = 200) -> web.Resp
 
 
 def _summaries(state: StoreState) -> list[dict[str, Any]]:
-    return [
-        {
-            "name": app.name,
-            "uids": [str(uids) for uids in app.uids],
-            "mode": app.mode.value,
-            "rules": len(app.allow),
-            "limits": None if app.limits is None else limits_to_data(app.limits),
-            "etag": app_etag(app),
-        }
-        for app in state.rule_set.apps
-    ]
+    return [app_summary(app) for app in state.rule_set.apps]
 
 
 def _public_apps(state: StoreState) -> list[dict[str, Any]]:
