@@ -70,7 +70,9 @@ class FileRuleSource:
     """
 
     def __init__(self, initial: RuleSet) -> None:
-        self._latest = initial.with_version(max(initial.version, 1))
+        # The file's own version (0 until `egress rules` first edits it): the version an edit
+        # prints is then the version in force (hand edits and [security] changes add one).
+        self._latest = initial
         self._revoke = False
         self._committed_at: float | None = None
         self._changed = asyncio.Event()

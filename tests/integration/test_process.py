@@ -152,7 +152,7 @@ def test_sighup_reloads_rules_and_keeps_them_on_a_bad_file(setup: dict[str, Any]
     write_config(setup["config"], proxy_config(*ports, ["127.0.0.1:1"], setup["log"]))
     proxy.send_signal(signal.SIGHUP)
     proxy.wait_log(
-        lambda e: e.get("msg") == "rules installed" and e.get("version") == 2, "rules version 2"
+        lambda e: e.get("msg") == "rules installed" and e.get("version") == 1, "rules version 1"
     )
     assert child_connect(APP_UID, setup["socks"], echo.port)[0] == 2
     # A broken file keeps the last good rules and says why.
@@ -294,7 +294,7 @@ def test_metrics_have_no_created_series_and_carry_process_and_build_info(
     assert "process_open_fds" in metrics
     assert f'version="{__version__}"' in metrics
     assert "egress_build_info{" in metrics
-    assert "egress_rules_version 1.0" in metrics
+    assert "egress_rules_version 0.0" in metrics  # the file's [rules].version
 
 
 def test_check_config_takes_config_and_warns_about_what_cannot_work(tmp_path: Path) -> None:

@@ -89,6 +89,8 @@ def test_a_file_store_edit_applies_without_a_signal(tmp_path: Path) -> None:
                 AddRules("blog", (parse_rule(f"127.0.0.1:{second.port}"),)), ACTOR
             )
             await in_force(proxy, committed.state.version)
+            # The version the edit printed is the version in force (no hand edit between).
+            assert proxy.runtime.holder.current.version == committed.state.version == 1
             assert await code_of(proxy, second.port) == 0
             await store.aclose()
 

@@ -55,10 +55,11 @@ def running(holder: SnapshotHolder, body: Callable[[], Awaitable[T]]) -> T:
 
 def test_file_source_versions_only_real_changes() -> None:
     source = FileRuleSource(ruleset(2, version=0))
-    assert source.latest.version == 1
+    assert source.latest.version == 0  # the file's [rules].version
     assert source.prepare(ruleset(2, version=0)) is None  # the same apps
-    changed = source.prepare(ruleset(2, port=8443, version=0))
-    assert changed is not None and changed.version == 2
+    changed = source.prepare(ruleset(2, port=8443, version=0))  # a hand edit
+    assert changed is not None and changed.version == 1
+    assert source.prepare(ruleset(2, port=8080, version=5)).version == 5  # a store commit
     source.publish(changed)
     assert source.latest is changed
     with pytest.raises(ValueError, match="not newer"):
