@@ -39,7 +39,6 @@ from rules.stores.atomic import remove_stale_temporaries, replace_file
 from rules.stores.audit_file import AuditFacts, AuditLog
 from rules.stores.base import AuditDraft, AuditRecord, StoreState
 from rules.stores.errors import StoreError, StoreUnavailableError
-from rules.stores.toml_edit import LayoutError, edit_apps
 
 __all__ = ["FileBackend"]
 
@@ -191,6 +190,9 @@ class FileBackend:
                 return None  # another commit, or a hand edit, since `base` was read
             version = base.version + 1
             text = _text(raw, self.name)
+            # tomlkit (4 MiB) only for writers: a proxy that never edits never loads it.
+            from rules.stores.toml_edit import LayoutError, edit_apps  # noqa: PLC0415
+
             try:
                 new_text = edit_apps(
                     text.removeprefix(_BOM), change.apps, version=version, revoke=audit.revoke
