@@ -459,9 +459,14 @@ class RedisBackend:
                 )
             except redis.exceptions.RedisError as error:
                 self._fail("reading the audit trail", error)
-            for _entry_id, fields in entries:
+            # Parsing a batch of records is JSON work a read token can ask for again and again:
+            # keep big batches off the loop of the proxy serving the API.
+            if len(entries) > _PARSE_ON_LOOP_MAX:
+                records = await asyncio.to_thread(_audit_records, entries)
+            else:
+                records = _audit_records(entries)
+            for record in records:
                 scanned += 1
-                record = _audit_record(fields)
                 if record is not None and (app is None or record.touches(app)):
                     found.append(record)
                     if len(found) >= limit:
@@ -596,6 +601,10 @@ def _by_name(problems: Iterable[Problem], names: Mapping[str, str]) -> list[Prob
         key = f"app {names[head]!r}{dot}{rest}" if head in names else problem.key
         fixed.append(Problem(problem.file, key, problem.value, problem.expected, problem.hint))
     return fixed
+
+
+def _audit_records(entries: Sequence[Any]) -> list[AuditRecord | None]:
+    return [_audit_record(fields) for _entry_id, fields in entries]
 
 
 def _audit_record(fields: Mapping[Any, Any] | None) -> AuditRecord | None:
