@@ -1,7 +1,8 @@
 """egress: a network egress proxy and firewall controller for multi-tenant app hosting.
 
 Exit codes: 0 success, 1 a check that found a problem (firewall status), 2 a bad config or a
-failed start, 130 interrupted.
+failed start, 130 interrupted. ``egress rules`` has its own table (``egress rules --help``):
+3 no such app, 4 a conflict, 5 the store is unavailable.
 """
 
 from __future__ import annotations
