@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 from typing import Any
 
-from egress.outcomes import OUTCOMES
+from egress.outcomes import OUTCOMES, DecisionLabel
 from egress.policy import Verdict, evaluate
 from egress.resolver import Resolution, Resolver
 from rules.addresses import HostSyntaxError, canonical_host
@@ -78,8 +78,10 @@ class CheckResult:
         elif verdict.allowed:
             text = f"allowed by rule {verdict.rule!r}"
         else:
+            # "denied" is the rules saying no; "failed" is no decision (DNS, timeouts).
+            word = "denied" if verdict.decision is DecisionLabel.DENIED else "failed"
             text = (
-                f"denied ({verdict.reason}): {verdict.detail or OUTCOMES[verdict.outcome].detail}"
+                f"{word} ({verdict.reason}): {verdict.detail or OUTCOMES[verdict.outcome].detail}"
             )
         return text
 

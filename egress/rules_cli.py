@@ -34,7 +34,7 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from enum import IntEnum
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from egress import stores
 from egress.config import Config, load_config
@@ -70,6 +70,9 @@ from rules.problems import InvalidRuleSetError, Problem, value_repr
 from rules.reading import RejectedError
 from rules.stores.base import Actor, Committed, RuleStore, StoreState
 from rules.stores.errors import StoreConflictError, StoreError, StoreUnavailableError
+
+if TYPE_CHECKING:
+    from egress.checking import CheckResult
 
 __all__ = ["Exit", "add_rules_commands", "exit_code_for"]
 
@@ -459,7 +462,7 @@ async def _check(session: _Session) -> int:
     verdict = result.verdict
     data = result.to_data()
     lines = [
-        f"{'allowed' if result.allowed else 'denied'}: {app.name} -> {data['destination']}",
+        f"{_verdict_word(result)}: {app.name} -> {data['destination']}",
         f"  reason:    {verdict.reason.value}",
         f"  rule:      {verdict.rule or '-'}",
         f"  addresses: {', '.join(data['addresses']) or '-'}",
@@ -845,3 +848,11 @@ async def _import(session: _Session) -> int:
         for line in _diff_lines(committed.change.apps):
             print(line)
     return _print_committed(session, committed)
+
+
+def _verdict_word(result: CheckResult) -> str:
+    """``allowed``, ``denied`` (the rules said no) or ``failed`` (no decision could be made:
+    the name did not resolve, the lookup timed out); exit 1 for both of the last two."""
+    if result.allowed:
+        return "allowed"
+    return "denied" if result.verdict.decision.value == "denied" else "failed"

@@ -51,6 +51,10 @@ class RulesUpdate:
     replaces: bool = False  # install even if its version is not newer (the store went back)
 
 
+def _version_of(state: StoreState | None) -> int | None:
+    return None if state is None else state.version
+
+
 def _same_commit(a: StoreState, b: StoreState) -> bool:
     return a.version == b.version and a.committed_at == b.committed_at
 
@@ -87,7 +91,8 @@ class FileRuleSource:
         ``[security]``, changed; a version names one policy). Pure, and costly for big sets (it
         compares every app): the runtime calls it in the thread that read the file, then
         :meth:`publish`-es the result on the loop."""
-        if not always and rule_set.apps == self._latest.apps:
+        ahead = rule_set.version > self._latest.version  # store commits (they may cancel out)
+        if not always and not ahead and rule_set.apps == self._latest.apps:
             return None
         # The file's own [rules].version (bumped by `egress rules` edits) when it is ahead, so
         # the version in force matches the one the edit printed; else one more than ours.
@@ -135,6 +140,7 @@ class StoreRuleSource:
         self._retry_interval = retry_interval
         self._latest: StoreState | None = None
         self._hint = asyncio.Event()
+        self.empty = False  # the store holds nothing egress wrote (version 0): not ready
         self._reachable = False
         metrics.rule_store_up.set(0)
 
@@ -157,10 +163,19 @@ class StoreRuleSource:
         proxy starts anyway, denying everyone, and keeps trying)."""
         try:
             async with asyncio.timeout(timeout):
-                return await self._read()
+                state = await self._read()
         except (StoreError, InvalidRuleSetError, TimeoutError) as error:
             self._failed(error)
             return None
+        self._latest = state
+        self.empty = state.version == 0
+        if self.empty:
+            log.error(
+                "the rule store is empty (version 0): no app is known until it is seeded"
+                " (`egress rules import FILE --config THIS_CONFIG`)",
+                extra={"store": self.store.name},
+            )
+        return state
 
     async def updates(self) -> AsyncIterator[RulesUpdate]:
         # A plain task, not a TaskGroup: a task group must not span the generator's yields.
@@ -191,6 +206,22 @@ class StoreRuleSource:
         except (StoreError, InvalidRuleSetError) as error:
             self._failed(error)
             return None
+        if state.version == 0:
+            # Nothing egress ever wrote: a Redis restarted without persistence, flushed, or
+            # not seeded yet. Emptying every node would refuse every tenant: keep the rules in
+            # force, say so, and stay not ready until the store is seeded again.
+            if not self.empty:
+                log.error(
+                    "the rule store is empty (version 0); keeping the rules in force until it"
+                    " is seeded again (`egress rules import`)",
+                    extra={"store": self.store.name, "rules_version": _version_of(before)},
+                )
+            self.empty = True
+            if before is None:
+                self._latest = state
+            return None
+        self.empty = False
+        self._latest = state
         if before is None:
             return RulesUpdate(state.rule_set, False, state.committed_at)
         if state is before or _same_commit(state, before):
@@ -202,7 +233,7 @@ class StoreRuleSource:
         # restore, a restart without persistence. What it holds now is the truth; what was
         # lost may have been removals, so nothing stays open that it does not allow.
         log.warning(
-            "the rule store went back; applying what it holds now",
+            "the rule store went back (a failover or a restore?); applying what it holds now",
             extra={
                 "store": self.store.name,
                 "version": state.version,
@@ -213,7 +244,6 @@ class StoreRuleSource:
 
     async def _read(self) -> StoreState:
         state = await self.store.read()
-        self._latest = state
         if not self.reachable:
             log.info("rule store reachable", extra={"store": self.store.name})
         self.reachable = True
@@ -229,8 +259,9 @@ class StoreRuleSource:
             )
             return
         if self.reachable or self._latest is None:
+            kept = "keeping the rules in force" if self._latest else "no app is known yet"
             log.error(
-                "rule store unreachable; keeping the rules in force",
+                f"rule store unreachable; {kept}",
                 extra={"store": self.store.name, "error": str(error) or type(error).__name__},
             )
         self.reachable = False

@@ -285,8 +285,10 @@ class ProxyRuntime:
         return self._context is not None and not self.registry.draining and loaded
 
     async def _store_answers(self) -> bool:
-        """For /readyz: the shared store answered its last check (the file store: always)."""
-        return self.store_source is None or self.store_source.reachable
+        """For /readyz: the shared store answered its last check and holds rules (the file
+        store: always)."""
+        source = self.store_source
+        return source is None or (source.reachable and not source.empty)
 
     async def _check(self, app: str, host: str, port: int) -> CheckResult:
         """``/v1/apps/{name}/check``: the rules in force here, the proxy's resolver."""

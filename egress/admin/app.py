@@ -53,7 +53,9 @@ def build_admin_app(
         if not ready():
             return web.Response(status=503, text="not ready\n")
         if store is not None and store_ready is not None and not await _answers(store_ready):
-            return web.Response(status=503, text="not ready: the rule store does not answer\n")
+            return web.Response(
+                status=503, text="not ready: the rule store does not answer or holds no rules\n"
+            )
         return web.Response(text="ready\n")
 
     counted = AdminMetrics(metrics.registry)

@@ -7,7 +7,7 @@ the proxy (exit 2), are the reader's job (:mod:`egress.config.reader`).
 
 from __future__ import annotations
 
-from egress.config.model import Config, RatelimitBackend, RedisErrorPolicy
+from egress.config.model import Config, RatelimitBackend, RedisErrorPolicy, RuleStore
 from rules.lint import dead_address_rules
 
 __all__ = ["warnings_for"]
@@ -40,6 +40,13 @@ def warnings_for(config: Config) -> list[str]:
                 f"{where}.limits: accepted but not enforced yet (rate limits come with the"
                 " ratelimit backends)"
             )
+    if config.rules.store is RuleStore.REDIS and (
+        config.rules.version or config.rules.revoke_version
+    ):
+        found.append(
+            'rules.version: ignored with rules.store = "redis" (the store keeps its own'
+            " version; see `egress rules list`)"
+        )
     if config.admin.tokens and config.admin.listen is None:
         found.append(
             "admin.tokens: no admin.listen is set, so no API serves them (set admin.listen)"

@@ -187,7 +187,9 @@ def test_a_redis_store_that_went_back_is_followed_and_revokes(tmp_path: Path) ->
     """Redis lost its last commits (a failover to a lagging replica, a restore): the proxy
     applies what the store holds now, even at a version it saw before, and closes what that
     no longer allows; a later commit that lands on a version number seen before is applied
-    too (a version is not an identity)."""
+    too (a version is not an identity). A store left empty (version 0: flushed, restarted
+    without persistence) is not applied: the rules in force stay and the node is not ready
+    until the store is seeded again."""
 
     async def main(server: RedisServer) -> None:
         async with EchoUpstream() as first, EchoUpstream() as second:
@@ -213,6 +215,13 @@ def test_a_redis_store_that_went_back_is_followed_and_revokes(tmp_path: Path) ->
                 assert await socks5_connect(reader, writer_tunnel, "127.0.0.1", second.port) == 0
                 with server.client() as client:
                     client.flushall()  # the commits are gone
+                # An empty store is not the truth: the rules in force stay, and it says so.
+                source = proxy.runtime.store_source
+                assert source is not None
+                await eventually(lambda: source.empty, "the empty store noticed", timeout=5.0)
+                assert not await proxy.runtime._store_answers()  # /readyz: 503
+                assert proxy.runtime.holder.current.version == 3
+                assert await code_of(proxy, second.port) == 0
                 await writer.aclose()
                 writer = open_store(config_from(data))
                 lost = await writer.commit(

@@ -597,3 +597,17 @@ def test_a_proxy_running_as_a_sandbox_uid_refuses_to_start() -> None:
     check_proxy_uid(config, 20000)
     with pytest.raises(EgressError, match=r"firewall.sandbox_uids: the proxy runs as uid 10500"):
         check_proxy_uid(config, 10500)
+
+
+def test_check_config_warns_about_what_the_store_ignores(tmp_path: Path) -> None:
+    from egress.config.lint import warnings_for
+
+    listen = '[proxy]\nsocks5_listen = ["127.0.0.1:0"]\n'
+    redis = load_config(write(tmp_path, listen + '[rules]\nstore = "redis"\nversion = 4\n'))
+    assert any(w.startswith("rules.version: ignored") for w in warnings_for(redis))
+    token = f'[admin]\ntokens = [{{ name = "ops", sha256 = "{"a" * 64}" }}]\n'
+    assert any(
+        "no admin.listen" in w for w in warnings_for(load_config(write(tmp_path, listen + token)))
+    )
+    plain = load_config(write(tmp_path, listen + '[rules]\nstore = "file"\nversion = 4\n'))
+    assert warnings_for(plain) == []

@@ -60,6 +60,8 @@ def test_file_source_versions_only_real_changes() -> None:
     changed = source.prepare(ruleset(2, port=8443, version=0))  # a hand edit
     assert changed is not None and changed.version == 1
     assert source.prepare(ruleset(2, port=8080, version=5)).version == 5  # a store commit
+    # Commits that cancel out (create, then delete) still move the version to the file's.
+    assert source.prepare(ruleset(2, port=8443, version=9)).version == 9
     source.publish(changed)
     assert source.latest is changed
     with pytest.raises(ValueError, match="not newer"):
