@@ -540,7 +540,7 @@ class RedisBackend:
         if isinstance(error, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError):
             hint = "; is Redis running and reachable from this host?"
         raise StoreUnavailableError(
-            f"rule store {self.name}: {what} failed: {error}{hint}"
+            f"rule store {self.name}: {what} failed: {str(error).rstrip('.')}{hint}"
         ) from error
 
     def _parse_version(self, raw: object) -> int:
