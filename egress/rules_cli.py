@@ -145,7 +145,7 @@ def add_rules_commands(subparsers: Any) -> None:
     rules = subparsers.add_parser(
         "rules",
         help="read and edit the rule store; check a destination",
-        description=__doc__,
+        description=(__doc__ or "").replace("``", "`"),  # reST literals read as `x`
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = rules.add_subparsers(dest="rules_command", required=True)
