@@ -50,8 +50,21 @@ class AdminMetrics:
             status = response.status
             return response
         finally:
-            resource = request.match_info.route.resource
-            route = resource.canonical if resource is not None else "unmatched"
+            route = await _route_of(request, status)
             method = request.method if request.method in _METHODS else "other"
             self.requests.labels(route, method, str(status)).inc()
             self.seconds.labels(route).observe(time.perf_counter() - started)
+
+
+async def _route_of(request: web.Request, status: int) -> str:
+    """The route template; for a 405 the route whose path matched (aiohttp gives no resource
+    then), so a wrong method on ``/v1/apps`` is not counted as an unknown path."""
+    resource = request.match_info.route.resource
+    if resource is not None:
+        return resource.canonical
+    if status == 405:
+        for candidate in request.app.router.resources():
+            _, allowed = await candidate.resolve(request)
+            if allowed:
+                return candidate.canonical
+    return "unmatched"

@@ -549,6 +549,7 @@ def test_requests_are_counted_by_route_template_never_by_path(server: AdminServe
         call(server, "GET", f"/v1/apps/{name}")
     call(server, "GET", "/v1/apps/blog", headers={})
     call(server, "GET", "/v1/what/ever")
+    assert call(server, "POST", "/v1/apps").status_code == 405  # a known path, a wrong method
     text = call(server, "GET", "/metrics", headers={}).text
     lines = [line for line in text.splitlines() if line.startswith("egress_admin_requests_total")]
     route = 'route="/v1/apps/{name}"'
@@ -556,6 +557,7 @@ def test_requests_are_counted_by_route_template_never_by_path(server: AdminServe
     assert f'egress_admin_requests_total{{method="GET",{route},status="404"}} 1.0' in lines
     assert f'egress_admin_requests_total{{method="GET",{route},status="401"}} 1.0' in lines
     assert 'egress_admin_requests_total{method="GET",route="unmatched",status="404"} 1.0' in lines
+    assert 'egress_admin_requests_total{method="POST",route="/v1/apps",status="405"} 1.0' in lines
     assert "blog" not in "\n".join(lines) and "/v1/what" not in text
     assert f"egress_admin_request_seconds_count{{{route}}} 4.0" in text
 
