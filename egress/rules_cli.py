@@ -66,7 +66,7 @@ from rules.edits import (
 from rules.edits import AddRules as AddRulesEdit
 from rules.model import Rule
 from rules.parse import RuleSyntaxError, parse_rule
-from rules.problems import InvalidRuleSetError, Problem, value_repr
+from rules.problems import InvalidRuleSetError, Problem, utf8_text, value_repr
 from rules.reading import RejectedError
 from rules.stores.base import Actor, Committed, RuleStore, StoreState
 from rules.stores.errors import StoreConflictError, StoreError, StoreUnavailableError
@@ -789,13 +789,7 @@ def _read_import(path: Path, fmt: str | None) -> dict[str, Any]:
         raw = path.read_bytes()
     except OSError as error:
         raise EgressError(f"cannot read {source}: {error.strerror or error}") from None
-    try:
-        text = raw.decode("utf-8").removeprefix("\ufeff")
-    except UnicodeDecodeError as error:
-        line = raw[: error.start].count(b"\n") + 1
-        raise InvalidRuleSetError(
-            [Problem(source, f"line {line}", "bytes that are not UTF-8", "UTF-8 text")]
-        ) from None
+    text = utf8_text(raw, source)
     data: object
     try:
         data = json.loads(text) if fmt == "json" else tomllib.loads(text)

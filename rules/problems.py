@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-__all__ = ["VALUE_LIMIT", "InvalidRuleSetError", "Problem", "value_repr"]
+__all__ = ["VALUE_LIMIT", "InvalidRuleSetError", "Problem", "utf8_text", "value_repr"]
 
 VALUE_LIMIT = 80
 """Longest rendering of an offending value in a :class:`Problem`, in characters."""
@@ -61,3 +61,15 @@ class InvalidRuleSetError(ValueError):
 
     def __str__(self) -> str:
         return "\n".join(str(problem) for problem in self.problems)
+
+
+def utf8_text(raw: bytes, source: str) -> str:
+    """A file's bytes as text (a leading BOM dropped), or ``InvalidRuleSetError`` naming the
+    first line that is not UTF-8: config files and import files are read the same way."""
+    try:
+        return raw.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as error:
+        line = raw[: error.start].count(b"\n") + 1
+        raise InvalidRuleSetError(
+            [Problem(source, f"line {line}", "bytes that are not UTF-8", "UTF-8 text")]
+        ) from None

@@ -41,6 +41,7 @@ from egress.config.model import (
 )
 from egress.errors import ConfigError, ConfigProblem, value_repr
 from rules.apps import MAX_UID, RuleSet, read_rule_set, sandboxed_uids
+from rules.problems import InvalidRuleSetError, utf8_text
 from rules.reading import (
     Reader,
     RejectedError,
@@ -365,12 +366,9 @@ def load_config(path: str | Path) -> Config:
         reason = (error.strerror or str(error)).lower()
         raise ConfigError([ConfigProblem(source, "", reason, "a readable TOML file")]) from None
     try:
-        text = raw.decode("utf-8").removeprefix("\ufeff")
-    except UnicodeDecodeError as error:
-        line = raw[: error.start].count(b"\n") + 1
-        raise ConfigError(
-            [ConfigProblem(source, f"line {line}", "bytes that are not UTF-8", "UTF-8 text")]
-        ) from None
+        text = utf8_text(raw, source)
+    except InvalidRuleSetError as invalid:
+        raise ConfigError(invalid.problems) from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
