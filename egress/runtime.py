@@ -143,6 +143,7 @@ class ProxyRuntime:
         self._closing = asyncio.Event()
         self._stop_requested = asyncio.Event()
         self._reload_requested = asyncio.Event()
+        self._reload_lock = asyncio.Lock()
         self._retiring: set[asyncio.Task[None]] = set()
 
     @property
@@ -389,7 +390,13 @@ class ProxyRuntime:
 
     async def reload(self) -> bool:
         """Re-read the config file (off the event loop) and apply it; a bad file changes
-        nothing. Also reopens the connection log file (the logrotate convention)."""
+        nothing. Also reopens the connection log file (the logrotate convention). One at a
+        time: a SIGHUP, the config watcher and a caller may ask at once, and two reads
+        versioned against the same rules would both claim the next version."""
+        async with self._reload_lock:
+            return await self._reload()
+
+    async def _reload(self) -> bool:
         self.connlog.reopen()
         with full_collections_deferred():
             try:

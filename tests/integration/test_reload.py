@@ -302,3 +302,23 @@ def test_reloads_under_load_leave_nothing_frozen_behind(tmp_path: Path) -> None:
         }
     )
     assert ours == [], f"frozen garbage of the proxy: {ours}"
+
+
+def test_concurrent_reloads_are_one_at_a_time(tmp_path: Path) -> None:
+    """A SIGHUP, the config watcher and a caller may reload at once: each succeeds, and one
+    change is one new version (two reads versioned against the same rules used to collide)."""
+
+    async def main() -> None:
+        async with EchoUpstream() as upstream, EchoUpstream() as other:
+            data = loopback(upstream.port)
+            async with running_proxy(data, tmp_path) as proxy:
+                before = proxy.runtime.holder.current.version
+                changed = copy.deepcopy(data)
+                changed["app"][0]["allow"].append(f"127.0.0.1:{other.port}")
+                write_config(Path(proxy.runtime.config.source), changed)
+                results = await asyncio.gather(*(proxy.runtime.reload() for _ in range(3)))
+                assert results == [True, True, True]
+                assert proxy.runtime.holder.current.version == before + 1
+                assert await connect_code(proxy, "127.0.0.1", other.port) == 0
+
+    run("uvloop", main())
