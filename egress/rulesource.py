@@ -179,7 +179,8 @@ class StoreRuleSource:
 
     async def updates(self) -> AsyncIterator[RulesUpdate]:
         # A plain task, not a TaskGroup: a task group must not span the generator's yields.
-        feed = asyncio.get_running_loop().create_task(self._listen(), name="rules change feed")
+        hints = self.store.hint_changes(self._hint, retry_interval=self._retry_interval)
+        feed = asyncio.get_running_loop().create_task(hints, name="rules change feed")
         try:
             if self._latest is not None:
                 yield RulesUpdate(self._latest.rule_set, False, self._latest.committed_at)
@@ -265,16 +266,6 @@ class StoreRuleSource:
                 extra={"store": self.store.name, "error": str(error) or type(error).__name__},
             )
         self.reachable = False
-
-    async def _listen(self) -> None:
-        """Turn change-feed messages into hints; the backend reconnects on its own."""
-        while True:
-            try:
-                async for _ in self.store.backend.changes():
-                    self._hint.set()
-            except StoreError:
-                pass
-            await asyncio.sleep(self._retry_interval)
 
 
 class SnapshotHolder:

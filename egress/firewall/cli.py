@@ -216,7 +216,7 @@ async def _run_with(path: Path, config: Config, backend: Backend, store: Store |
     wake = asyncio.Event()
     stop = asyncio.Event()
     feed_hint = asyncio.Event()
-    feed = None if store is None else loop.create_task(_listen(store, feed_hint))
+    feed = None if store is None else loop.create_task(store.hint_changes(feed_hint))
     loop.add_signal_handler(signal.SIGHUP, wake.set)
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
@@ -275,17 +275,6 @@ async def _run_with(path: Path, config: Config, backend: Backend, store: Store |
             with contextlib.suppress(Exception):
                 server[0].shutdown()
     return 0  # rules stay installed on purpose
-
-
-async def _listen(store: Store, hint: asyncio.Event) -> None:
-    """The store's change feed as wake-ups (the backend reconnects; this outlives errors)."""
-    while True:
-        try:
-            async for _ in store.backend.changes():
-                hint.set()
-        except StoreError:
-            pass
-        await asyncio.sleep(1.0)
 
 
 async def _first(*events: asyncio.Event) -> None:

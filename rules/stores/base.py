@@ -23,7 +23,7 @@ from typing import Any, Protocol
 from rules.apps import App, RuleSet
 from rules.document import app_etag
 from rules.edits import Change, CreateApp, Edit, PutApp, ReplaceAll, apply_edit
-from rules.stores.errors import StoreConflictError
+from rules.stores.errors import StoreConflictError, StoreError
 
 __all__ = [
     "Actor",
@@ -260,6 +260,18 @@ class RuleStore:
 
     async def history(self, app: str | None = None, limit: int = 50) -> list[AuditRecord]:
         return await self.backend.history(app, limit)
+
+    async def hint_changes(self, hint: asyncio.Event, *, retry_interval: float = 1.0) -> None:
+        """Set ``hint`` at every change the backend's feed reports, for ever (a follower's
+        task: it reads the store when hinted, and on its own interval as the backstop). A
+        feed that fails is started again after ``retry_interval``."""
+        while True:
+            try:
+                async for _ in self.backend.changes():
+                    hint.set()
+            except StoreError:
+                pass
+            await asyncio.sleep(retry_interval)
 
     async def version(self) -> int:
         return await self.backend.version()

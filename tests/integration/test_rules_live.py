@@ -132,7 +132,8 @@ def test_revoke_closes_only_what_the_new_rules_deny(tmp_path: Path, revoke: bool
                     assert revoked[0]["dest"] == f"127.0.0.1:{dropped.port}"
                     assert revoked[0]["decision"] == "denied"
                     assert "revoked by a rules edit" in revoked[0]["error"]
-                    assert proxy.runtime.metrics.rules_revoked._value.get() == 1
+                    registry = proxy.runtime.metrics.registry
+                    assert registry.get_sample_value("egress_rules_revoked_tunnels_total") == 1
                 else:
                     writer_drop.write(b"pong")
                     assert await asyncio.wait_for(reader_drop.readexactly(4), 2) == b"pong"

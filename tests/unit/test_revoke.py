@@ -61,7 +61,7 @@ def test_an_open_tunnel_the_new_rules_deny_is_closed_and_logged_as_revoked() -> 
         [record] = await h.log.wait_for(1)
         assert (record["decision"], record["reason"]) == ("denied", "revoked")
         assert "not_allowed" in record["error"]
-        assert h.metrics.rules_revoked._value.get() == 1
+        assert h.sample("egress_rules_revoked_tunnels_total") == 1
         assert_released(h)
 
     run(main())
