@@ -270,10 +270,9 @@ class ProxyRuntime:
                 group.create_task(self._reload_loop(), name="config reload"),
                 group.create_task(self._sweep_loop(), name="resolver sweep"),
             ]
-            if self.store_source is not None:
-                follow = self._follow_store(self.store_source)
-                tasks.append(group.create_task(follow, name="rules store"))
-            else:
+            if self.store_source is not None:  # the shared store, through its change feed
+                tasks.append(group.create_task(self.holder.follow(self.store_source), name="rules"))
+            else:  # the config file: reloads publish into self.source
                 tasks.append(group.create_task(self.holder.follow(self.source), name="rules"))
                 tasks.append(group.create_task(self._watch_config(), name="config watch"))
             await self._closing.wait()
@@ -306,12 +305,6 @@ class ProxyRuntime:
             rules_version=snapshot.version,
             timeout=timeout,
         )
-
-    async def _follow_store(self, source: StoreRuleSource) -> None:
-        """Feed the shared store's versions to the holder; keep the up gauge true."""
-        async for update in source.updates():
-            if update.rule_set is not self.holder.current.ruleset:
-                self.holder.offer_update(update)
 
     async def _watch_config(self) -> None:
         """File store: an edit of the config file (by `egress rules`, the admin API or an
