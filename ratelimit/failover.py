@@ -1,0 +1,144 @@
+"""The limiter the proxy calls: a bucket backend, and what to do while it cannot answer.
+
+With the memory backend there is nothing to fail. With Redis, every call is bounded by the
+backend's deadline, and a :class:`ratelimit.breaker.CircuitBreaker` stops waiting on a Redis
+that keeps failing. Meanwhile ``on_redis_error`` decides:
+
+* ``local``: in-memory buckets on this node, at ``local_share`` of each app's global rate (with
+  N nodes, a share of 1/N keeps the global rate; 1.0 lets every node admit the full rate);
+* ``deny``: nothing limited gets through (``LimitResult.unavailable``);
+* ``allow``: everything limited gets through, unlimited.
+
+Recovery is automatic: the breaker probes, and the first answer from Redis puts it back in
+force. :attr:`Limiter.mode` is what is in force now, for metrics and ``/readyz``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from enum import StrEnum
+from typing import Final
+
+from ratelimit.base import Buckets, LimiterUnavailable, LimitResult
+from ratelimit.breaker import CircuitBreaker
+from ratelimit.gcra import Rate
+from ratelimit.memory import MemoryBuckets
+
+__all__ = ["FailurePolicy", "Limiter", "Mode"]
+
+
+class FailurePolicy(StrEnum):
+    LOCAL = "local"
+    DENY = "deny"
+    ALLOW = "allow"
+
+
+class Mode(StrEnum):
+    """What decides now: the one backend, or the failure policy."""
+
+    MEMORY = "memory"  # the memory backend (nothing shared, nothing to fail)
+    REDIS = "redis"  # Redis answers
+    LOCAL = "local"  # Redis is away: local buckets
+    DENY = "deny"  # Redis is away: denied
+    ALLOW = "allow"  # Redis is away: let through
+
+
+_FALLBACK_MODE: Final = {
+    FailurePolicy.LOCAL: Mode.LOCAL,
+    FailurePolicy.DENY: Mode.DENY,
+    FailurePolicy.ALLOW: Mode.ALLOW,
+}
+_ALLOWED: Final = LimitResult(True)
+
+
+class Limiter:
+    """Takes tokens from shared buckets; never raises for a backend failure."""
+
+    __slots__ = (
+        "_breaker",
+        "_local",
+        "_local_rates",
+        "_shared",
+        "last_error",
+        "local_share",
+        "mode",
+        "on_mode",
+        "policy",
+    )
+
+    def __init__(
+        self,
+        shared: Buckets | None,
+        local: MemoryBuckets,
+        *,
+        policy: FailurePolicy = FailurePolicy.LOCAL,
+        local_share: float = 1.0,
+        breaker: CircuitBreaker | None = None,
+        on_mode: Callable[[Mode], None] | None = None,
+    ) -> None:
+        if not 0 < local_share <= 1:
+            raise ValueError(f"local_share must be in (0, 1], not {local_share!r}")
+        self._shared = shared
+        self._local = local
+        self.policy = policy
+        self.local_share = local_share
+        self._breaker = breaker if breaker is not None else CircuitBreaker()
+        self.on_mode = on_mode  # told of every change of mode
+        self.last_error: LimiterUnavailable | None = None  # why the shared backend last failed
+        self._local_rates: dict[tuple[Rate, float], Rate] = {}
+        self.mode = Mode.MEMORY if shared is None else Mode.REDIS
+
+    @property
+    def shared(self) -> bool:
+        """Whether the buckets are shared between nodes (Redis)."""
+        return self._shared is not None
+
+    async def take(self, key: str, rate: Rate, cost: int = 1) -> LimitResult:
+        shared = self._shared
+        if shared is None:
+            return self._local.take_now(key, rate, cost)
+        breaker = self._breaker
+        if breaker.allow():
+            try:
+                result = await shared.take(key, rate, cost)
+            except LimiterUnavailable as error:
+                breaker.failed()
+                self.last_error = error
+                return self._fallback(key, rate, cost)
+            breaker.succeeded()
+            if self.mode is not Mode.REDIS:
+                self._set_mode(Mode.REDIS)
+            return result
+        return self._fallback(key, rate, cost)
+
+    def _fallback(self, key: str, rate: Rate, cost: int) -> LimitResult:
+        mode = _FALLBACK_MODE[self.policy]
+        if self.mode is not mode:
+            self._set_mode(mode)
+        if mode is Mode.LOCAL:
+            return self._local.take_now(key, self._local_rate(rate), cost)
+        if mode is Mode.ALLOW:
+            return _ALLOWED
+        return LimitResult(False, max(1.0, self._breaker.retry_in()), unavailable=True)
+
+    def _local_rate(self, rate: Rate) -> Rate:
+        share = self.local_share
+        if share == 1.0:
+            return rate
+        local = self._local_rates.get((rate, share))
+        if local is None:
+            if len(self._local_rates) > 10_000:
+                self._local_rates.clear()
+            local = Rate(rate.per_second * share, max(1, math.ceil(rate.burst * share)))
+            self._local_rates[rate, share] = local
+        return local
+
+    def _set_mode(self, mode: Mode) -> None:
+        self.mode = mode
+        if self.on_mode is not None:
+            self.on_mode(mode)
+
+    async def aclose(self) -> None:
+        if self._shared is not None:
+            await self._shared.aclose()

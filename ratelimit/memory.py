@@ -1,0 +1,105 @@
+"""In-memory buckets: the embedded default, the ``local`` fallback while Redis is away, and the
+byte buckets of bandwidth shaping. The clock is injected (tests drive it; no sleeps).
+
+Memory stays bounded whatever tenants do: a bucket whose TAT has passed is full, the same as no
+bucket, so such entries are dropped as the table grows; past ``max_buckets`` live entries the
+oldest are dropped too, which can only refill a bucket early (a bounded over-admission, and
+only when a table that large is being churned).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from ratelimit.base import LimitResult
+from ratelimit.gcra import MICROSECONDS, Rate, Taken, charge, take, take_up_to
+
+__all__ = ["MemoryBuckets", "monotonic_us"]
+
+
+def monotonic_us() -> int:
+    return time.monotonic_ns() // 1000
+
+
+class MemoryBuckets:
+    """Named buckets in a dict: ``key -> TAT`` in the clock's units."""
+
+    name = "memory"
+
+    __slots__ = ("_clock", "_tats", "_units", "max_buckets")
+
+    def __init__(
+        self,
+        clock: Callable[[], int] = monotonic_us,
+        *,
+        units_per_second: int = MICROSECONDS,
+        max_buckets: int = 100_000,
+    ) -> None:
+        self._clock = clock
+        self._units = units_per_second
+        self._tats: dict[str, int] = {}
+        self.max_buckets = max_buckets
+
+    def __len__(self) -> int:
+        return len(self._tats)
+
+    def take_now(self, key: str, rate: Rate, cost: int = 1) -> LimitResult:
+        """The synchronous take (no I/O); :meth:`take` is the same for the async interface."""
+        now = self._clock()
+        units = self._units
+        taken = take(
+            self._tats.get(key, now), now, rate.interval(units), rate.capacity(units), cost
+        )
+        return self._store(key, taken, now)
+
+    async def take(self, key: str, rate: Rate, cost: int = 1) -> LimitResult:
+        return self.take_now(key, rate, cost)
+
+    def take_up_to(self, key: str, rate: Rate, count: int) -> Taken:
+        """Take as many of ``count`` single tokens as fit now (the batched take)."""
+        now = self._clock()
+        units = self._units
+        taken = take_up_to(
+            self._tats.get(key, now), now, rate.interval(units), rate.capacity(units), count
+        )
+        self._remember(key, taken.tat, now)
+        return taken
+
+    def charge(self, key: str, rate: Rate, cost: int) -> float:
+        """Spend ``cost`` tokens already used; the seconds to pause so the rate holds."""
+        now = self._clock()
+        units = self._units
+        taken = charge(
+            self._tats.get(key, now), now, rate.interval(units), rate.capacity(units), cost
+        )
+        self._remember(key, taken.tat, now)
+        return taken.wait / units
+
+    def _store(self, key: str, taken: Taken, now: int) -> LimitResult:
+        if taken.granted:
+            self._remember(key, taken.tat, now)
+            return LimitResult(True)
+        wait = float("inf") if taken.wait < 0 else taken.wait / self._units
+        return LimitResult(False, wait)
+
+    def _remember(self, key: str, tat: int, now: int) -> None:
+        tats = self._tats
+        if tat <= now:
+            tats.pop(key, None)  # a full bucket needs no entry
+            return
+        if key not in tats and len(tats) >= self.max_buckets:
+            self._prune(now)
+        tats[key] = tat
+
+    def _prune(self, now: int) -> None:
+        tats = self._tats
+        for key in [key for key, tat in tats.items() if tat <= now]:
+            del tats[key]
+        excess = len(tats) - self.max_buckets // 2
+        if excess > 0:  # still too many live buckets: drop the oldest (insertion order)
+            for key in list(tats)[:excess]:
+                del tats[key]
+
+    async def aclose(self) -> None:
+        return None
