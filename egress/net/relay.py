@@ -7,7 +7,11 @@ are closed. Two small protocol objects forward callbacks to it. Design points:
   reading until it drains, so memory per tunnel stays bounded whatever the peers do.
 * Half-close: EOF from one side becomes ``write_eof()`` on the other; the tunnel closes when both
   directions are finished or either side is lost.
-* Idle timeout: one timer per tunnel, re-armed lazily from the last activity time.
+* Bandwidth shaping (optional): each read is relayed and charged to the app's byte bucket;
+  when the bucket is in debt, that side stops reading for a while (one timer, no task).
+  Reading resumes only when neither backpressure nor shaping holds it. Data is never dropped.
+* Idle timeout: one timer per tunnel, re-armed lazily from the last activity time; a side held
+  by shaping is not idle.
 * Every transport is referenced until ``connection_lost``; uvloop can crash if a paused
   transport is collected while libuv still holds its handle.
 """
@@ -39,6 +43,15 @@ class StreamFilter(Protocol):
     def done(self) -> bool: ...
 
     def failure_reply(self, error: ValueError) -> bytes: ...
+
+
+class TunnelShaper(Protocol):
+    """Charges the bytes a tunnel just read to its app's bandwidth; each method returns the
+    seconds that side should stop reading (0 to go on). See :mod:`egress.shaping`."""
+
+    def up(self, nbytes: int) -> float: ...
+
+    def down(self, nbytes: int) -> float: ...
 
 
 class UpstreamSide(asyncio.Protocol):
@@ -121,6 +134,7 @@ class Tunnel:
     __slots__ = (
         "_client",
         "_client_eof",
+        "_client_held",
         "_client_lost",
         "_client_paused",
         "_filter",
@@ -128,9 +142,11 @@ class Tunnel:
         "_idle_timer",
         "_loop",
         "_on_closed",
+        "_shaper",
         "_upstream",
         "_upstream_early",
         "_upstream_eof",
+        "_upstream_held",
         "_upstream_lost",
         "_upstream_paused",
         "bytes_down",
@@ -148,6 +164,7 @@ class Tunnel:
         idle_timeout: float,
         on_closed: Callable[[Tunnel], None],
         stream_filter: StreamFilter | None = None,
+        shaper: TunnelShaper | None = None,
     ) -> None:
         if upstream_side.transport is None:
             raise RuntimeError("Tunnel needs a connected upstream")
@@ -164,6 +181,10 @@ class Tunnel:
         # reading paused because the other side's write buffer is full (backpressure)
         self._client_paused = False
         self._upstream_paused = False
+        # reading held by bandwidth shaping until the timer fires
+        self._shaper = shaper
+        self._client_held: asyncio.TimerHandle | None = None
+        self._upstream_held: asyncio.TimerHandle | None = None
         self._idle_timer: asyncio.TimerHandle | None = None
         self.bytes_up = 0
         self.bytes_down = 0
@@ -207,15 +228,22 @@ class Tunnel:
             self.on_upstream_eof()
         if client_eof and not self._client_eof:
             self.on_client_eof()
-        if not self._upstream.is_closing() and not self._upstream_paused:
+        if (
+            not self._upstream.is_closing()
+            and not self._upstream_paused
+            and self._upstream_held is None
+        ):
             self._upstream.resume_reading()
-        if not self._client.is_closing() and not self._client_paused:
+        if not self._client.is_closing() and not self._client_paused and self._client_held is None:
             self._client.resume_reading()
         self._idle_timer = self._loop.call_later(self._idle_timeout, self._check_idle)
 
     # client -> upstream; bytes are counted as written to the other side
     def on_client_data(self, data: bytes) -> None:
         self.last_activity = self._loop.time()
+        shaper = self._shaper
+        if shaper is not None and (delay := shaper.up(len(data))) > 0:
+            self._hold_client(delay)
         if self._filter is not None:
             try:
                 data = self._filter.client_data(data)
@@ -246,6 +274,7 @@ class Tunnel:
 
     def on_client_lost(self, exc: Exception | None) -> None:
         self._client_lost = True
+        self._cancel_holds()
         if exc is not None and self.end_reason is None:
             self.end_reason = f"client: {_describe(exc)}"
         if not self._upstream_lost:
@@ -255,6 +284,9 @@ class Tunnel:
     # upstream -> client
     def on_upstream_data(self, data: bytes) -> None:
         self.last_activity = self._loop.time()
+        shaper = self._shaper
+        if shaper is not None and (delay := shaper.down(len(data))) > 0:
+            self._hold_upstream(delay)
         if self._filter is not None:
             try:
                 data = self._filter.upstream_data(data)
@@ -287,6 +319,7 @@ class Tunnel:
 
     def on_upstream_lost(self, exc: Exception | None) -> None:
         self._upstream_lost = True
+        self._cancel_holds()
         if exc is not None and self.end_reason is None:
             self.end_reason = f"upstream: {_describe(exc)}"
         if not self._client_lost:
@@ -301,7 +334,7 @@ class Tunnel:
 
     def resume_client_reading(self) -> None:
         self._client_paused = False
-        if not self._client.is_closing():
+        if self._client_held is None and not self._client.is_closing():
             self._client.resume_reading()
 
     def pause_upstream_reading(self) -> None:
@@ -311,8 +344,45 @@ class Tunnel:
 
     def resume_upstream_reading(self) -> None:
         self._upstream_paused = False
-        if not self._upstream.is_closing():
+        if self._upstream_held is None and not self._upstream.is_closing():
             self._upstream.resume_reading()
+
+    # bandwidth shaping: the read was over the app's rate, so that side waits
+    def _hold_client(self, delay: float) -> None:
+        if self._client_held is not None:  # a read delivered despite the hold extends it
+            self._client_held.cancel()
+        self._client_held = self._loop.call_later(delay, self._release_client)
+        if not self._client.is_closing():
+            self._client.pause_reading()
+
+    def _release_client(self) -> None:
+        self._client_held = None
+        self.last_activity = self._loop.time()  # the peer could not send while held
+        if not self._client_paused and not self._client.is_closing():
+            self._client.resume_reading()
+
+    def _hold_upstream(self, delay: float) -> None:
+        if self._upstream_held is not None:
+            self._upstream_held.cancel()
+        self._upstream_held = self._loop.call_later(delay, self._release_upstream)
+        if not self._upstream.is_closing():
+            self._upstream.pause_reading()
+
+    def _release_upstream(self) -> None:
+        self._upstream_held = None
+        self.last_activity = self._loop.time()
+        if not self._upstream_paused and not self._upstream.is_closing():
+            self._upstream.resume_reading()
+
+    def _cancel_holds(self) -> None:
+        """Once either side is gone nothing more is read: drop the timers (and with them the
+        loop's references to this tunnel)."""
+        if self._client_held is not None:
+            self._client_held.cancel()
+            self._client_held = None
+        if self._upstream_held is not None:
+            self._upstream_held.cancel()
+            self._upstream_held = None
 
     def abort(self, reason: str) -> None:
         """Tear the tunnel down now (drain deadline, idle timeout)."""
@@ -344,6 +414,8 @@ class Tunnel:
         if self._client_lost and self._upstream_lost:
             return
         idle_for = self._loop.time() - self.last_activity
+        if self._client_held is not None or self._upstream_held is not None:
+            idle_for = 0.0  # held by shaping: moving data at the app's rate, not idle
         if idle_for >= self._idle_timeout:
             self.abort("idle_timeout")
         else:
