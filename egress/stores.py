@@ -2,7 +2,8 @@
 
 ``[rules].store = "file"``: the ``[[app]]`` tables of the config file itself (edits rewrite it
 atomically, keeping its comments and layout; the audit trail is a JSON-lines file beside it).
-``"redis"``: shared by every node, at ``[redis].url`` under ``[rules].redis_prefix``.
+``"redis"``: shared by every node, at ``[redis].url`` (one server, Sentinel or Cluster: see
+:mod:`egress.redisclient`) under ``[rules].redis_prefix``.
 """
 
 from __future__ import annotations
@@ -26,10 +27,13 @@ def audit_log_path(config: Config) -> Path:
 def open_store(config: Config) -> RuleStore:
     """A :class:`RuleStore` over the backend ``config`` names (nothing is read yet)."""
     if config.rules.store is StoreKind.REDIS:
-        from rules.stores.redis import RedisBackend  # noqa: PLC0415  (redis only when used)
+        # redis only when used
+        from egress.redisclient import make_client  # noqa: PLC0415
+        from rules.stores.redis import TIMEOUT_S, RedisBackend  # noqa: PLC0415
 
-        backend = RedisBackend.from_url(
-            config.redis.url,
+        client = make_client(config.redis.url, timeout=TIMEOUT_S, retries=1)
+        backend = RedisBackend(
+            client,  # type: ignore[arg-type]  # a RedisCluster has the same commands
             prefix=config.rules.redis_prefix,
             audit_max_records=config.rules.audit_max_records,
             display_url=config.redis.display_url,

@@ -100,12 +100,21 @@ class UidRange:
 
 @dataclass(frozen=True, slots=True)
 class Limits:
-    """What the limiter enforces for an app; ``None`` means no limit of that kind."""
+    """What the limiter enforces for an app; ``None`` means no limit of that kind (or the
+    ``[ratelimit.defaults]`` value, where one is configured).
+
+    ``burst`` defaults to one second's worth of ``connections_per_second``;
+    ``bandwidth_burst_bytes`` to a tenth of a second's worth of bandwidth, at least 64 KiB;
+    ``destination_*`` limit each destination (host and port as asked for) of the app on its own.
+    """
 
     connections_per_second: float | None = None
     burst: int | None = None
     max_concurrent: int | None = None
     bandwidth_bytes_per_second: int | None = None
+    bandwidth_burst_bytes: int | None = None
+    destination_connections_per_second: float | None = None
+    destination_burst: int | None = None
 
     def __post_init__(self) -> None:
         problems = _limits_problems(self)
@@ -321,7 +330,7 @@ def _read_app(t: Table) -> tuple[App | None, _Draft]:
     auth_table = t.table("proxy_auth", name=f"{t.path}.proxy_auth")
     allow = t.items("allow", _rule, (), expected="a list of rule strings")
     mode = t.value("mode", _MODE, Mode.ENFORCE)
-    limits = _read_limits(limits_table) if limits_table.present else None
+    limits = read_limits(limits_table) if limits_table.present else None
     proxy_auth = _read_proxy_auth(auth_table) if auth_table.present else None
     draft = _Draft(t.path, name, uids)
     if len(t.reader.problems) > before:
@@ -337,7 +346,8 @@ def _read_app(t: Table) -> tuple[App | None, _Draft]:
     return app, draft
 
 
-def _read_limits(t: Table) -> Limits | None:
+def read_limits(t: Table) -> Limits | None:
+    """A ``limits`` table (an app's, or ``[ratelimit.defaults]``); ``None`` if invalid."""
     before = len(t.reader.problems)
     values: dict[str, Any] = {}
     for key, convert in _LIMIT_FIELDS.items():
@@ -466,6 +476,9 @@ _LIMIT_FIELDS: Final = {
     "burst": _POSITIVE,
     "max_concurrent": _POSITIVE,
     "bandwidth_bytes_per_second": _POSITIVE,
+    "bandwidth_burst_bytes": _POSITIVE,
+    "destination_connections_per_second": positive_number("a number > 0"),
+    "destination_burst": _POSITIVE,
 }
 
 

@@ -28,7 +28,15 @@ __all__ = [
     "rule_set_to_data",
 ]
 
-_LIMIT_KEYS = ("connections_per_second", "burst", "max_concurrent", "bandwidth_bytes_per_second")
+_LIMIT_KEYS = (
+    "connections_per_second",
+    "burst",
+    "max_concurrent",
+    "bandwidth_bytes_per_second",
+    "bandwidth_burst_bytes",
+    "destination_connections_per_second",
+    "destination_burst",
+)
 
 
 def limits_to_data(limits: Limits) -> dict[str, Any]:

@@ -51,6 +51,9 @@ _LIMITS: Final = {
     "burst": {"type": "integer", "minimum": 1},
     "max_concurrent": {"type": "integer", "minimum": 1},
     "bandwidth_bytes_per_second": {"type": "integer", "minimum": 1},
+    "bandwidth_burst_bytes": {"type": "integer", "minimum": 1},
+    "destination_connections_per_second": {"type": "number", "exclusiveMinimum": 0},
+    "destination_burst": {"type": "integer", "minimum": 1},
 }
 _UIDS: Final = {
     "type": "array",

@@ -7,7 +7,10 @@ the proxy (exit 2), are the reader's job (:mod:`egress.config.reader`).
 
 from __future__ import annotations
 
+from typing import Final
+
 from egress.config.model import Config, RatelimitBackend, RedisErrorPolicy, RuleStore
+from rules.apps import Limits
 from rules.lint import dead_address_rules
 
 __all__ = ["warnings_for"]
@@ -36,10 +39,7 @@ def warnings_for(config: Config) -> list[str]:
                     " firewall does not confine it: its traffic can bypass the proxy"
                 )
         if app.limits is not None:
-            found.append(
-                f"{where}.limits: accepted but not enforced yet (rate limits come with the"
-                " ratelimit backends)"
-            )
+            found += _idle_limit_keys(f"{where}.limits", app.limits)
     if config.rules.store is RuleStore.REDIS and (
         config.rules.version or config.rules.revoke_version
     ):
@@ -51,8 +51,31 @@ def warnings_for(config: Config) -> list[str]:
         found.append(
             "admin.tokens: no admin.listen is set, so no API serves them (set admin.listen)"
         )
-    if config.ratelimit.backend is not RatelimitBackend.MEMORY:
-        found.append(f"ratelimit.backend: {config.ratelimit.backend.value!r} has no effect yet")
-    if config.ratelimit.on_redis_error is not RedisErrorPolicy.LOCAL:
-        found.append("ratelimit.on_redis_error: has no effect yet (no Redis rate limiting)")
+    ratelimit = config.ratelimit
+    if ratelimit.defaults is not None:
+        found += _idle_limit_keys("ratelimit.defaults", ratelimit.defaults)
+    fallback_set = ratelimit.on_redis_error is not RedisErrorPolicy.LOCAL or (
+        ratelimit.local_share != 1
+    )
+    if ratelimit.backend is RatelimitBackend.MEMORY and fallback_set:
+        found.append(
+            "ratelimit.on_redis_error, ratelimit.local_share: no effect with backend ="
+            ' "memory" (nothing is shared, nothing can fail)'
+        )
     return found
+
+
+# A burst without its rate limits nothing.
+_BURST_OF: Final = {
+    "burst": "connections_per_second",
+    "destination_burst": "destination_connections_per_second",
+    "bandwidth_burst_bytes": "bandwidth_bytes_per_second",
+}
+
+
+def _idle_limit_keys(where: str, limits: Limits) -> list[str]:
+    return [
+        f"{where}.{burst}: has no effect without {rate}"
+        for burst, rate in _BURST_OF.items()
+        if getattr(limits, burst) is not None and getattr(limits, rate) is None
+    ]

@@ -15,7 +15,8 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Final
 
-from rules.apps import App, RuleSet, UidRange
+from egress.redisurl import redact_redis_url
+from rules.apps import App, Limits, RuleSet, UidRange
 from rules.special import SpecialExceptions
 
 UNIX_PATH_MAX: Final = 107  # sun_path is 108 bytes on Linux, one of them the terminating NUL
@@ -201,6 +202,12 @@ class RulesConfig:
 class RatelimitConfig:
     backend: RatelimitBackend = RatelimitBackend.MEMORY
     on_redis_error: RedisErrorPolicy = RedisErrorPolicy.LOCAL
+    local_share: float = 1.0  # "local" fallback: the share of each app's rate one node admits
+    redis_timeout: float = 0.05  # seconds: the deadline of every limiter call to Redis
+    redis_prefix: str = "egress"  # bucket keys are "{<prefix>:<app>}:rl:..." (a slot per app)
+    breaker_failures: int = 3  # failed calls in a row that stop the limiter waiting on Redis
+    breaker_open: float = 0.5  # seconds before Redis is tried again (doubling, up to 8 s)
+    defaults: Limits | None = None  # [ratelimit.defaults]: limits for keys an app leaves unset
 
 
 @dataclass(frozen=True, slots=True)
@@ -262,5 +269,5 @@ class Config:
 
 
 def _redact_url(url: str) -> str:
-    url = re.sub(r"(://[^/@:]*):[^/@]*@", r"\1:***@", url)
-    return re.sub(r"(password=)[^&]*", r"\1***", url)
+    # Every [redis].url form, a password holding "/" or "@" included (see egress.redisurl).
+    return redact_redis_url(url)

@@ -40,7 +40,8 @@ from egress.config.model import (
     _redact_url,
 )
 from egress.errors import ConfigError, ConfigProblem, value_repr
-from rules.apps import MAX_UID, RuleSet, read_rule_set, sandboxed_uids
+from egress.redisurl import RedisUrlError, parse_redis_url
+from rules.apps import MAX_UID, RuleSet, read_limits, read_rule_set, sandboxed_uids
 from rules.problems import InvalidRuleSetError, utf8_text
 from rules.reading import (
     Reader,
@@ -108,8 +109,13 @@ def _unix_socket_path(raw: Any) -> Path:
 
 
 def _redis_url(raw: Any) -> str:
-    if not isinstance(raw, str) or not raw.startswith(("redis://", "rediss://", "unix://")):
-        raise RejectedError("a URL starting with redis://, rediss:// or unix://")
+    """One of the forms of :mod:`egress.redisurl` (one server, Sentinel or Cluster)."""
+    if not isinstance(raw, str):
+        raise RejectedError('a Redis URL string, e.g. "redis://127.0.0.1:6379/0"')
+    try:
+        parse_redis_url(raw)
+    except RedisUrlError as error:
+        raise RejectedError(error.expected, error.problem) from None
     return raw
 
 
@@ -229,6 +235,42 @@ def _read_rules(t: Table) -> RulesConfig:
     )
 
 
+def _read_ratelimit(t: Table) -> RatelimitConfig:
+    d = RatelimitConfig()
+    defaults = t.table("defaults", name="ratelimit.defaults")
+    return RatelimitConfig(
+        backend=t.value("backend", choice(RatelimitBackend), d.backend),
+        on_redis_error=t.value("on_redis_error", choice(RedisErrorPolicy), d.on_redis_error),
+        local_share=t.value("local_share", _share, d.local_share),
+        redis_timeout=t.value("redis_timeout", _redis_timeout, d.redis_timeout),
+        redis_prefix=t.value("redis_prefix", _redis_prefix, d.redis_prefix),
+        breaker_failures=t.value("breaker_failures", integer(1, 1000), d.breaker_failures),
+        breaker_open=t.value("breaker_open", _breaker_open, d.breaker_open),
+        defaults=read_limits(defaults) if defaults.present else None,
+    )
+
+
+def _share(raw: Any) -> float:
+    share = positive_number("a number greater than 0 and at most 1")(raw)
+    if share > 1:
+        raise RejectedError("a number greater than 0 and at most 1")
+    return share
+
+
+def _redis_timeout(raw: Any) -> float:
+    seconds = positive_number("a number of seconds from 0.001 to 5")(raw)
+    if not 0.001 <= seconds <= 5:
+        raise RejectedError("a number of seconds from 0.001 to 5")
+    return seconds
+
+
+def _breaker_open(raw: Any) -> float:
+    seconds = positive_number("a number of seconds from 0.01 to 8")(raw)
+    if not 0.01 <= seconds <= 8:
+        raise RejectedError("a number of seconds from 0.01 to 8")
+    return seconds
+
+
 def _read_admin(t: Table) -> AdminConfig:
     tokens: list[AdminToken] = []
     seen: dict[str, str] = {}
@@ -298,15 +340,7 @@ def parse_config(data: Mapping[str, Any], *, source: str) -> Config:
     resolver = _read_resolver(root.table("resolver"))
     security = _read_security(root.table("security"))
     rules = _read_rules(root.table("rules"))
-    ratelimit_section = root.table("ratelimit")
-    ratelimit = RatelimitConfig(
-        backend=ratelimit_section.value(
-            "backend", choice(RatelimitBackend), RatelimitBackend.MEMORY
-        ),
-        on_redis_error=ratelimit_section.value(
-            "on_redis_error", choice(RedisErrorPolicy), RedisErrorPolicy.LOCAL
-        ),
-    )
+    ratelimit = _read_ratelimit(root.table("ratelimit"))
     redis_section = root.table("redis")
     redis = RedisConfig(
         url=redis_section.value("url", _redis_url, RedisConfig().url, show=_url_shown)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from egress.config.model import Config, RuleStore
+from egress.config.model import Config, RatelimitBackend, RuleStore
 from rules.apps import Limits, UidRange
 
 # --- the check-config summary ----------------------------------------------------------------
@@ -66,7 +66,16 @@ def summarize(config: Config) -> str:
             f" audit keeps {rules.audit_max_records}"
         )
     rl = config.ratelimit
-    lines.append(f"ratelimit: {rl.backend} (on redis error: {rl.on_redis_error})")
+    if rl.backend is RatelimitBackend.REDIS:
+        lines.append(
+            f"ratelimit: redis, keys {{{rl.redis_prefix}:<app>}}:rl:*, deadline"
+            f" {rl.redis_timeout * 1000:g} ms; on redis error: {rl.on_redis_error}"
+            + (f" at {rl.local_share:g} of each rate" if rl.on_redis_error == "local" else "")
+        )
+    else:
+        lines.append("ratelimit: memory (this node's own buckets)")
+    if rl.defaults is not None:
+        lines.append(f"ratelimit defaults: {_limits_text(rl.defaults)}")
     lines.append(f"redis: {config.redis.display_url}")
     admin = config.admin
     tokens = ", ".join(f"{t.name} ({t.role})" for t in admin.tokens) or "none"
@@ -101,4 +110,10 @@ def _limits_text(limits: Limits) -> str:
         parts.append(f"{limits.max_concurrent} concurrent")
     if limits.bandwidth_bytes_per_second is not None:
         parts.append(f"{limits.bandwidth_bytes_per_second} bytes/s")
+    if limits.bandwidth_burst_bytes is not None:
+        parts.append(f"bandwidth burst {limits.bandwidth_burst_bytes} bytes")
+    if limits.destination_connections_per_second is not None:
+        parts.append(f"{limits.destination_connections_per_second:g} connections/s per destination")
+    if limits.destination_burst is not None:
+        parts.append(f"destination burst {limits.destination_burst}")
     return ", ".join(parts) or "none"

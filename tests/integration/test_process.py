@@ -312,7 +312,7 @@ def test_check_config_takes_config_and_warns_about_what_cannot_work(tmp_path: Pa
     assert len(warnings) == 3, result.stderr
     assert "'203.0.113.0/24:443' can only match special-purpose addresses" in warnings[0]
     assert "20001 is not (all) inside firewall.sandbox_uids" in warnings[1]
-    assert "limits: accepted but not enforced yet" in warnings[2]
+    assert "('blog').limits.burst: has no effect without connections_per_second" in warnings[2]
     assert "the config is valid (exit 0)" in result.stderr
     clean = run_egress("check-config", "--config", "config.example.toml")
     assert clean.returncode == 0

@@ -21,7 +21,7 @@ from egress.config import (
     summarize,
 )
 from egress.errors import ConfigError, ConfigProblem
-from rules.apps import App, Mode, RuleSet, UidRange
+from rules.apps import App, Limits, Mode, RuleSet, UidRange
 from rules.parse import parse_rule
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "config.example.toml"
@@ -64,7 +64,9 @@ def test_example_loads_as_is() -> None:
     assert blog.uids == (UidRange(10001, 10001),)
     assert blog.allow[0].text == "api.example.com:443"
     assert blog.mode is Mode.ENFORCE
-    assert blog.limits is None  # shown commented out: accepted, not enforced yet
+    assert blog.limits == Limits(
+        connections_per_second=20, burst=40, max_concurrent=100, bandwidth_bytes_per_second=10485760
+    )
     assert reports.mode is Mode.REPORT
 
 
