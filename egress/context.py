@@ -6,6 +6,9 @@ identity lookup, the dialer, the current rules snapshot and the registry. Each i
 interface, so a driver can be unit-tested with fake transports and fakes for these, and nothing
 here imports the server (no import cycle).
 
+``limits`` (:class:`egress.limits.ConnectionLimits`) checks an app's rate, concurrency and
+bandwidth limits; ``None`` in tests that need none.
+
 ``settings`` and ``resolver`` are replaced on a live reload: a connection keeps the settings it
 was accepted under, and uses the resolver current when it looks a name up. The admission limits
 (``max_connections``, ``max_handshakes_per_app``) live in the registry.
@@ -22,6 +25,7 @@ from typing import Any, Protocol
 
 from egress.config import ProxyConfig
 from egress.connlog import ConnectionLog
+from egress.limits import ConnectionLimits
 from egress.metrics import ProxyMetrics
 from egress.net.dialer import Dialled
 from egress.net.registry import ConnectionRegistry
@@ -109,6 +113,7 @@ class ConnectionContext:
         "dial",
         "identify",
         "is_own_listener",
+        "limits",
         "loop",
         "metrics",
         "registry",
@@ -129,6 +134,7 @@ class ConnectionContext:
         rules: SnapshotSource,
         registry: ConnectionRegistry,
         is_own_listener: OwnListener,
+        limits: ConnectionLimits | None = None,
         loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         self.settings = settings
@@ -140,6 +146,7 @@ class ConnectionContext:
         self.rules = rules
         self.registry = registry
         self.is_own_listener = is_own_listener
+        self.limits = limits
         self.loop = loop if loop is not None else asyncio.get_running_loop()
 
     async def resolve(self, name: str) -> Resolution:

@@ -43,6 +43,9 @@ from egress import __version__
 # The app label for a client whose uid maps to no app. App names cannot start with "_".
 UNKNOWN_APP = "_unknown"
 
+# Rate limiter round trips to Redis: loopback is tens of microseconds, the deadline tens of ms.
+_REDIS_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
+
 _LATENCY_BUCKETS = (
     0.0001,
     0.00025,
@@ -185,6 +188,61 @@ class _HotPath(Collector):
         for result, count in m.dns_lookups.items():
             lookups.add_metric([result], count)
         yield lookups
+        yield from _ratelimit_families(m)
+
+
+_LIMITER_MODES = ("memory", "redis", "local", "deny", "allow")
+
+
+def _ratelimit_families(m: ProxyMetrics) -> Iterator[Metric]:
+    decisions = CounterMetricFamily(
+        "egress_ratelimit_decisions",
+        "Rate-limit decisions by app, limit (connections, destination, concurrent) and result"
+        " (allowed, limited, unavailable: denied because Redis is away and on_redis_error ="
+        " deny).",
+        labels=["app", "limit", "result"],
+    )
+    for key, count in m.ratelimit_decisions.items():
+        decisions.add_metric(key, count)
+    yield decisions
+    latency = HistogramMetricFamily(
+        "egress_ratelimit_redis_seconds",
+        "Round trips of the rate limiter to Redis (one may carry a batch of checks).",
+    )
+    buckets, total = m.ratelimit_redis_seconds.samples()
+    latency.add_metric([], buckets, total)
+    yield latency
+    errors = CounterMetricFamily(
+        "egress_ratelimit_redis_errors",
+        "Failed rate-limiter round trips to Redis by kind (timeout, connection, script, error).",
+        labels=["kind"],
+    )
+    for kind, count in m.ratelimit_redis_errors.items():
+        errors.add_metric([kind], count)
+    yield errors
+    mode = GaugeMetricFamily(
+        "egress_ratelimit_mode",
+        "1 for the rate limiter's mode in force: memory, redis, or while Redis is away the"
+        " on_redis_error policy (local, deny, allow).",
+        labels=["mode"],
+    )
+    for name in _LIMITER_MODES:
+        mode.add_metric([name], 1.0 if m.ratelimit_mode == name else 0.0)
+    yield mode
+    yield GaugeMetricFamily(
+        "egress_ratelimit_fallback_active",
+        "1 while Redis is away and the on_redis_error policy decides, else 0.",
+        value=1.0 if m.ratelimit_mode in ("local", "deny", "allow") else 0.0,
+    )
+    shaped = CounterMetricFamily(
+        "egress_bandwidth_shaped_seconds",
+        "Time reads were held to keep an app within bandwidth_bytes_per_second, by app and"
+        " direction (summed over its tunnels).",
+        labels=["app", "direction"],
+    )
+    for pair, seconds in m.shaped_seconds.items():
+        shaped.add_metric(pair, seconds)
+    yield shaped
 
 
 class ProxyMetrics:
@@ -203,6 +261,11 @@ class ProxyMetrics:
         self.dns_seconds = LoopHistogram(_LATENCY_BUCKETS)
         self.connect_seconds = LoopHistogram(_LATENCY_BUCKETS)
         self.dns_lookups: dict[str, int] = {}
+        self.ratelimit_decisions: dict[tuple[str, str, str], int] = {}
+        self.ratelimit_redis_seconds = LoopHistogram(_REDIS_BUCKETS)
+        self.ratelimit_redis_errors: dict[str, int] = {}
+        self.ratelimit_mode = "memory"
+        self.shaped_seconds: dict[tuple[str, str], float] = {}
         r.register(_HotPath(self))
         self._reloads = Counter(
             "egress_config_reloads",
@@ -289,6 +352,17 @@ class ProxyMetrics:
         if histogram is None:
             histogram = self.handshake_seconds[listener] = LoopHistogram(_LATENCY_BUCKETS)
         histogram.observe(seconds)
+
+    def ratelimit_decision(self, app: str, limit: str, result: str) -> None:
+        key = (app, limit, result)
+        counts = self.ratelimit_decisions
+        counts[key] = counts.get(key, 0) + 1
+
+    def ratelimit_redis_call(self, seconds: float, error: str | None) -> None:
+        self.ratelimit_redis_seconds.observe(seconds)
+        if error is not None:
+            errors = self.ratelimit_redis_errors
+            errors[error] = errors.get(error, 0) + 1
 
     def dns_lookup(self, result: str) -> None:
         lookups = self.dns_lookups

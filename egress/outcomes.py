@@ -32,6 +32,8 @@ class Outcome(StrEnum):
     AUTH_REQUIRED = "auth_required"
     AUTH_FAILED = "auth_failed"
     RATE_LIMITED = "rate_limited"
+    TOO_MANY_CONNECTIONS = "too_many_connections"
+    LIMITER_UNAVAILABLE = "limiter_unavailable"
     CONNECTION_LIMIT = "connection_limit"
     HANDSHAKE_LIMIT = "handshake_limit"
     BAD_REQUEST = "bad_request"
@@ -127,6 +129,21 @@ OUTCOMES: Final[Mapping[Outcome, Row]] = MappingProxyType(
             429,
             "connection_limit_reached",
             "this app opens connections faster than its limit",
+            retry_after=True,
+        ),
+        Outcome.TOO_MANY_CONNECTIONS: Row(
+            _D,
+            SOCKS5_NOT_ALLOWED,
+            429,
+            "connection_limit_reached",
+            "this app holds as many tunnels as its max_concurrent limit allows",
+        ),
+        Outcome.LIMITER_UNAVAILABLE: Row(
+            _R,
+            SOCKS5_GENERAL_FAILURE,
+            503,
+            "proxy_internal_error",
+            'the rate limiter\'s Redis is unreachable and ratelimit.on_redis_error = "deny"',
             retry_after=True,
         ),
         Outcome.CONNECTION_LIMIT: Row(

@@ -8,7 +8,8 @@ dialer may use::
     if isinstance(step, Lookup):
         resolution = await resolve(step.name)   # the only await
         verdict = after_lookup(app, step, resolution.addresses)   # pure fold
-    verdict = combine(verdict, limit)           # pure: a rate-limit answer, report mode
+    refusal = await limits.admit(...)           # egress.limits: concurrency, then rates
+    verdict = combine(verdict, refusal)         # pure: a limit's refusal, report mode
 
 Addresses are normalised (:func:`rules.special.effective_address`) exactly once, here, where they
 enter the policy; everything below works on the canonical form.
@@ -23,7 +24,6 @@ from typing import Final, NamedTuple, cast
 
 from egress.outcomes import OUTCOMES, DecisionLabel, Outcome
 from egress.resolver import Resolution, ResolveError, ResolveFailure
-from ratelimit.base import LimitResult
 from rules.decide import (
     AppPolicy,
     Decision,
@@ -37,6 +37,7 @@ from rules.special import effective_address
 
 __all__ = [
     "Lookup",
+    "Refusal",
     "Verdict",
     "after_lookup",
     "after_lookup_failure",
@@ -210,15 +211,21 @@ def after_lookup_failure(error: ResolveError) -> Verdict:
     return Verdict(Outcome.DNS_TIMEOUT if timeout else Outcome.DNS_FAILURE, detail=str(error))
 
 
-def combine(verdict: Verdict, limit: LimitResult | None) -> Verdict:
-    """Apply a rate-limit answer to an allowed verdict (a denial stays what it is)."""
-    if limit is None or limit.allowed or not verdict.allowed:
+class Refusal(NamedTuple):
+    """Why a connection the rules allow may not go ahead now (a limit, :mod:`egress.limits`)."""
+
+    outcome: Outcome
+    detail: str
+    retry_after: float | None = None
+
+
+def combine(verdict: Verdict, refusal: Refusal | None) -> Verdict:
+    """Apply a limit's refusal to an allowed verdict (a denial stays what it is). Report mode
+    is about rules: an app trying its rules out is still held to its limits."""
+    if refusal is None or not verdict.allowed:
         return verdict
     return Verdict(
-        Outcome.RATE_LIMITED,
-        verdict.rule,
-        detail=f"retry in {limit.retry_after_seconds:.3g} s",
-        retry_after=limit.retry_after_seconds,
+        refusal.outcome, verdict.rule, detail=refusal.detail, retry_after=refusal.retry_after
     )
 
 
@@ -229,7 +236,6 @@ async def evaluate(
     *,
     resolve: Callable[[str], Awaitable[Resolution]],
     names_for: NamesFor | None = None,
-    limit: LimitResult | None = None,
     deadline: float | None = None,
 ) -> Verdict:
     """The pure steps wired around the one await (``resolve``, which may raise
@@ -247,4 +253,4 @@ async def evaluate(
         except TimeoutError:
             return Verdict(Outcome.DNS_TIMEOUT, detail="no DNS answer within the connect deadline")
         step = after_lookup(app, step, resolution.addresses)
-    return combine(step, limit)
+    return step

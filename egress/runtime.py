@@ -33,6 +33,7 @@ from egress.connlog import ConnectionLog
 from egress.context import ConnectionContext, ProxySettings
 from egress.errors import ConfigError, EgressError
 from egress.gcpolicy import freeze_long_lived, full_collections_deferred
+from egress.limits import build_connection_limits
 from egress.metrics import ProxyMetrics
 from egress.net.connection import ClientConnection, HttpConnection, ListenerKind, Socks5Connection
 from egress.net.dialer import dial
@@ -69,7 +70,13 @@ _RESTART_KEYS: Final = {
     ),
     "admin": ("listen", "tokens"),
     "rules": ("store", "redis_prefix", "check_interval", "audit_log", "audit_max_records"),
-    "ratelimit": ("backend", "on_redis_error"),
+    "ratelimit": (
+        "backend",
+        "redis_timeout",
+        "redis_prefix",
+        "breaker_failures",
+        "breaker_open",
+    ),
     "redis": ("url",),
 }
 
@@ -135,6 +142,7 @@ class ProxyRuntime:
             max_connections=config.proxy.max_connections,
             max_handshakes_per_app=config.proxy.max_handshakes_per_app,
         )
+        self.limits = build_connection_limits(config.ratelimit, config.redis.url, self.metrics)
         self.admin_address: str | None = None
         self._owners: ConnectionOwners | None = None
         self._context: ConnectionContext | None = None
@@ -208,6 +216,7 @@ class ProxyRuntime:
             rules=self.holder,
             registry=self.registry,
             is_own_listener=self.listeners.is_own_listener,
+            limits=self.limits,
         )
         try:
             await self.listeners.open(config.proxy, self._protocol_for)
@@ -251,6 +260,7 @@ class ProxyRuntime:
             tokens=self.config.admin.tokens,
             checker=self._check,
             store_ready=self._store_answers,
+            limiter_mode=self.limits.describe_mode,
         )
         self._admin_runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._admin_runner.setup()
@@ -360,6 +370,8 @@ class ProxyRuntime:
             task.cancel()
         await asyncio.gather(*retiring, return_exceptions=True)
         await self.resolver.aclose()
+        with contextlib.suppress(Exception):
+            await self.limits.limiter.aclose()
         if self._store is not None:
             with contextlib.suppress(Exception):
                 await self._store.aclose()
@@ -475,6 +487,7 @@ class ProxyRuntime:
         if new.log.connection_log != old.log.connection_log:
             self.connlog.reopen(new.log.connection_log)
         self.holder.set_exceptions(new.security.special_exceptions)
+        self.limits.reconfigure(new.ratelimit)
         if rules is not None:
             self.source.publish(rules, revoke=revoke, committed_at=committed_at)
         self.config = _in_force(old, new)

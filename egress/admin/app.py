@@ -28,6 +28,7 @@ def build_admin_app(
     tokens: Sequence[AdminToken] = (),
     checker: Checker | None = None,
     store_ready: Callable[[], Awaitable[bool]] | None = None,
+    limiter_mode: Callable[[], str] | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
 ) -> web.Application:
     """The admin app (build it once per ``metrics``: it registers its own series there).
@@ -39,6 +40,8 @@ def build_admin_app(
     for ``/v1/apps/{name}/check`` (raises ``UnknownAppError`` for an app they lack); ``None``:
     that route answers 503. ``store_ready()``: whether the store answers; with a store,
     ``/readyz`` is 200 only when ``ready()`` and ``await store_ready()`` are both true.
+    ``limiter_mode()``: the rate limiter's mode in force (``redis``, or its fallback while Redis
+    is away), shown on a second line of ``/readyz``: a fallback is degraded, not unready.
     ``max_body_bytes``: the largest request body read (413 past it).
     """
 
@@ -56,7 +59,9 @@ def build_admin_app(
             return web.Response(
                 status=503, text="not ready: the rule store does not answer or holds no rules\n"
             )
-        return web.Response(text="ready\n")
+        if limiter_mode is None:
+            return web.Response(text="ready\n")
+        return web.Response(text=f"ready\nratelimit: {limiter_mode()}\n")
 
     counted = AdminMetrics(metrics.registry)
     app = web.Application(

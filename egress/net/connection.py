@@ -26,11 +26,12 @@ from typing import cast
 
 from egress.connlog import untrusted
 from egress.context import ConnectionContext
+from egress.limits import AppLimits
 from egress.metrics import UNKNOWN_APP
 from egress.net.dialer import DialError, Dialled, hostport
-from egress.net.relay import StreamFilter, Tunnel
+from egress.net.relay import StreamFilter, Tunnel, TunnelShaper
 from egress.outcomes import OUTCOMES, SOCKS5_SUCCEEDED, Outcome
-from egress.policy import Verdict, decide_again, evaluate
+from egress.policy import Verdict, combine, decide_again, evaluate
 from egress.proto import http_proxy, socks5
 from rules.addresses import HostSyntaxError, canonical_host
 from rules.decide import AppPolicy
@@ -71,6 +72,7 @@ class ClientConnection(asyncio.Protocol):
         "dialled",
         "finished",
         "kind",
+        "limits",
         "outcome",
         "recheck_under",
         "rules_version",
@@ -100,6 +102,7 @@ class ClientConnection(asyncio.Protocol):
         self.recheck_under: PolicySnapshot | None = None
         self.dialled: Dialled | None = None
         self.verdict: Verdict | None = None
+        self.limits: AppLimits | None = None  # the app's limits, once the rules allowed it
         self.outcome: Outcome | None = None
         self.detail: str | None = None
         self.tunnel: Tunnel | None = None
@@ -267,6 +270,8 @@ class ClientConnection(asyncio.Protocol):
             app, host, port, resolve=ctx.resolve, names_for=names_for, deadline=deadline
         )
         self.verdict = verdict
+        limiter = ctx.limits
+        limits = limiter.for_app(app.app) if limiter is not None and verdict.allowed else None
         self.app = None  # decided: from here on only the name is needed
         del app  # (this frame lives through the dial)
         if self.recheck_under is not None and verdict.allowed:
@@ -274,6 +279,14 @@ class ClientConnection(asyncio.Protocol):
             snapshot, self.recheck_under = self.recheck_under, None
             if self.recheck(snapshot):
                 return
+        if limits is not None:
+            assert limiter is not None and self.app_name is not None
+            self.limits = limits
+            refusal = await limiter.admit(
+                self, ctx.registry, self.app_name, limits, f"{host}:{port}"
+            )
+            if refusal is not None:
+                verdict = self.verdict = combine(verdict, refusal)
         if not verdict.allowed:
             self.fail(verdict.outcome, verdict.detail, retry_after=verdict.retry_after)
             return
@@ -307,6 +320,7 @@ class ClientConnection(asyncio.Protocol):
                 idle_timeout=self.settings.idle_timeout,
                 on_closed=self._tunnel_closed,
                 stream_filter=self.stream_filter(),
+                shaper=self._shaper(),
             )
             self.ctx.metrics.tunnel_opened(self.app_name or UNKNOWN_APP)
             early, self._early = bytes(self._early), bytearray()
@@ -319,6 +333,13 @@ class ClientConnection(asyncio.Protocol):
             self.detail = f"internal error starting the tunnel: {type(exc).__name__}"
             upstream.abort()
             transport.abort()
+
+    def _shaper(self) -> TunnelShaper | None:
+        """The bandwidth shaper of this tunnel, if its app has a bandwidth limit."""
+        limits, limiter = self.limits, self.ctx.limits
+        if limits is None or limits.bandwidth is None or limiter is None:
+            return None
+        return limiter.shaper.for_app(self.app_name or UNKNOWN_APP, limits.bandwidth)
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._task = None

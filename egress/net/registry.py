@@ -7,8 +7,11 @@ Two admission points, because two different things are limited:
   whole process holds (and a draining proxy refuses everything);
 * after the kernel has said which app is calling, ``proxy.max_handshakes_per_app`` caps how many
   of one app's connections may sit in their handshake, so one tenant holding connections open
-  until ``handshake_timeout`` cannot use up everyone's ``max_connections``. Later limits per app
-  (concurrent tunnels) hook in here too.
+  until ``handshake_timeout`` cannot use up everyone's ``max_connections``.
+
+And once the rules allow a request, :meth:`ConnectionRegistry.take_tunnel_slot` holds one of the
+app's ``max_concurrent`` tunnel slots on this node from then (dialing included) until the
+connection is released.
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ class ConnectionRegistry:
         "_connections",
         "_handshaking",
         "_metrics",
+        "_slot_holders",
+        "_slots",
         "draining",
         "max_connections",
         "max_handshakes_per_app",
@@ -56,6 +61,8 @@ class ConnectionRegistry:
         # connection -> the app whose handshake slot it holds ("" once it holds none)
         self._connections: dict[Tracked, str] = {}
         self._handshaking: dict[str, int] = {}
+        self._slot_holders: dict[Tracked, str] = {}  # connection -> app whose tunnel slot it holds
+        self._slots: dict[str, int] = {}
         self._all_released = asyncio.Event()
         self._all_released.set()
 
@@ -69,6 +76,22 @@ class ConnectionRegistry:
     def handshakes(self, app: str) -> int:
         """How many of ``app``'s connections are in their handshake now."""
         return self._handshaking.get(app, 0)
+
+    def tunnel_slots(self, app: str) -> int:
+        """How many of ``app``'s tunnel slots are held now."""
+        return self._slots.get(app, 0)
+
+    def take_tunnel_slot(self, connection: Tracked, app: str, cap: int) -> int | None:
+        """Hold one of ``app``'s ``cap`` tunnel slots until ``connection`` is released.
+        ``None`` when it got one; otherwise how many are held (the caller refuses)."""
+        if connection in self._slot_holders:
+            return None
+        held = self._slots.get(app, 0)
+        if held >= cap:
+            return held
+        self._slots[app] = held + 1
+        self._slot_holders[connection] = app
+        return None
 
     def accept(self, connection: Tracked) -> Outcome | None:
         """Track a connection the kernel just handed us; the outcome to refuse it with, if any."""
@@ -106,6 +129,13 @@ class ConnectionRegistry:
             return
         if app:
             self._give_back(app)
+        slot_app = self._slot_holders.pop(connection, None)
+        if slot_app is not None:
+            held = self._slots[slot_app] - 1
+            if held:
+                self._slots[slot_app] = held
+            else:
+                del self._slots[slot_app]
         self._metrics.open_connections.dec()
         if not self._connections:
             self._all_released.set()

@@ -9,6 +9,7 @@ client claims, so SNI and Host headers are not consulted at all.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import struct
 from ipaddress import IPv4Address, IPv6Address
@@ -18,6 +19,8 @@ from egress.context import ConnectionContext
 from egress.net.connection import ClientConnection, ListenerKind
 from egress.net.dialer import Dialled, hostport
 from egress.outcomes import Outcome
+
+_LINGER_RESET = struct.pack("ii", 1, 0)  # struct linger {l_onoff = 1, l_linger = 0}
 
 # linux/netfilter_ipv4.h SO_ORIGINAL_DST and linux/netfilter_ipv6/ip6_tables.h
 # IP6T_SO_ORIGINAL_DST: both 80, at SOL_IP and SOL_IPV6 (= IPPROTO_IPV6).
@@ -108,6 +111,14 @@ class TransparentConnection(ClientConnection):
         """The client already thinks it is connected: nothing to say."""
 
     def send_failure(self, outcome: Outcome, text: str, retry_after: float | None) -> None:
-        """No protocol to carry a reason: the close (a reset) is the answer."""
-        if self.transport is not None:
-            self.transport.abort()
+        """No protocol to carry a reason: a reset is the answer. A plain close would send FIN,
+        which a client that already believes it is connected reads as an empty reply;
+        SO_LINGER with a zero timeout makes the close a RST (connection reset by peer)."""
+        transport = self.transport
+        if transport is None:
+            return
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+        transport.abort()

@@ -33,6 +33,7 @@ from typing import Any, TypeVar
 
 from egress.connlog import ConnectionLog
 from egress.context import ConnectionContext, ProxySettings
+from egress.limits import ConnectionLimits
 from egress.metrics import ProxyMetrics
 from egress.net.connection import ClientConnection
 from egress.net.dialer import DialError, Dialled
@@ -41,6 +42,9 @@ from egress.net.relay import UpstreamSide
 from egress.net.transparent import IP6T_SO_ORIGINAL_DST, SO_ORIGINAL_DST
 from egress.outcomes import Outcome
 from egress.resolver import Resolution, ResolveError, ResolveFailure
+from egress.shaping import BandwidthShaper
+from ratelimit.failover import Limiter
+from ratelimit.memory import MemoryBuckets
 from rules.apps import RuleSet
 from rules.snapshot import PolicySnapshot
 from rules.special import SpecialExceptions
@@ -140,9 +144,13 @@ class FakeSocket:
         self.original = original
         self.peer = peer
         self.family = family
+        self.options: dict[tuple[int, int], bytes | int] = {}  # what setsockopt set
 
     def getpeername(self) -> tuple[str, int]:
         return self.peer
+
+    def setsockopt(self, level: int, option: int, value: bytes | int) -> None:
+        self.options[level, option] = value
 
     def getsockopt(self, level: int, option: int, buflen: int = 0) -> bytes:
         if self.original is None:
@@ -585,6 +593,13 @@ class Harness:
         self.resolver = FakeResolver()
         self.rules = FakeRules(snapshot if snapshot is not None else make_snapshot())
         self.own_listeners: set[tuple[IPAddress, int]] = set()
+        # The real limits on memory buckets, on a clock the test moves (microseconds).
+        self.now_us = 0
+        self.limits = ConnectionLimits(
+            Limiter(None, MemoryBuckets(lambda: self.now_us)),
+            self.metrics,
+            shaper=BandwidthShaper(lambda: self.now_us * 1000),
+        )
         self.context = ConnectionContext(
             settings=self.settings,
             resolver=self.resolver,
@@ -595,6 +610,7 @@ class Harness:
             rules=self.rules,
             registry=self.registry,
             is_own_listener=lambda address, port: (address, port) in self.own_listeners,
+            limits=self.limits,
             loop=self.loop,
         )
 

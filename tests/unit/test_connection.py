@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import functools
 import gc
+import socket
 import struct
 import weakref
 from collections.abc import Callable
@@ -21,15 +21,12 @@ from typing import Any
 
 import pytest
 
-import egress.net.connection as connection_module
 from egress.context import ConnectionContext, ProxySettings
 from egress.net.connection import ClientConnection, HttpConnection, Socks5Connection
 from egress.net.dialer import Dialled
 from egress.net.relay import StreamFilter
 from egress.net.transparent import TransparentConnection
 from egress.outcomes import Outcome
-from egress.policy import evaluate
-from ratelimit.base import LimitResult
 from rules.decide import AppPolicy
 from rules.snapshot import PolicySnapshot
 from tests.unit.fakes import (
@@ -727,21 +724,34 @@ def test_dns_that_never_answers_ends_at_the_connect_deadline(flavour: Flavour) -
 
 
 # --- rate limiting ----------------------------------------------------------------------------
+LIMITED_RULES: dict[str, Any] = {
+    "app": [
+        {
+            "name": "blog",
+            "uids": [APP_UID],
+            "allow": ["api.example.com:443", "www.example.com:80"],
+            # one connection, then one every 2.5 s
+            "limits": {"connections_per_second": 0.4, "burst": 1},
+        },
+        {"name": "worker", "uids": [OTHER_APP_UID], "allow": ["*.example.org:443"]},
+    ]
+}
+
+
 @FLAVOURS
-def test_rate_limited_verdict_is_429_with_retry_after_or_socks5_not_allowed(
-    flavour: Flavour, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The driver has no limiter hook yet, so a limiter's answer is fed through the policy's
-    own ``limit`` parameter (``combine``) by wrapping the driver's ``evaluate``."""
-    over = LimitResult(allowed=False, retry_after_seconds=2.5)
-    monkeypatch.setattr(connection_module, "evaluate", functools.partial(evaluate, limit=over))
+def test_over_the_rate_is_429_with_retry_after_or_socks5_not_allowed(flavour: Flavour) -> None:
+    """The app's bucket holds one connection: the second, at the same instant, is refused
+    with the bucket's wait; once the clock has moved on by the interval, one goes through."""
 
     async def main() -> None:
-        h = Harness()
+        h = Harness(snapshot=make_snapshot(data=LIMITED_RULES))
+        _, first = h.accept(flavour.factory)
+        flavour.request(first, "api.example.com", 443)
+        await until(lambda: len(h.dialer.attempts) == 1, "the first connection dials")
         _, client = h.accept(flavour.factory)
-        flavour.request(client, "api.example.com", 443)
+        flavour.request(client, "www.example.com", 80)
         [record] = await h.log.wait_for(1)
-        assert h.dialer.attempts == []
+        assert len(h.dialer.attempts) == 1  # the second never dialled
         reply = bytes(client.written[len(flavour.preamble) :])
         if flavour is SOCKS5:
             assert reply == socks5_reply(0x02)  # connection not allowed by ruleset
@@ -755,9 +765,148 @@ def test_rate_limited_verdict_is_429_with_retry_after_or_socks5_not_allowed(
             )
         assert client.closed_by_protocol
         assert (record["decision"], record["reason"]) == ("denied", "rate_limited")
-        assert record["rule"] == "api.example.com:443"
+        assert record["rule"] == "www.example.com:80"
+        assert "retry in 2.5 s" in record["error"]
         assert connections_counted(h, "blog", flavour.listener, "denied", "rate_limited") == 1
-        assert_released(h)
+        assert (
+            h.sample(
+                "egress_ratelimit_decisions_total",
+                app="blog",
+                limit="connections",
+                result="limited",
+            )
+            == 1
+        )
+        # another app has its own bucket (none); the blog's refills after 2.5 s
+        h.now_us += 2_500_000
+        _, again = h.accept(flavour.factory)
+        flavour.request(again, "www.example.com", 80)
+        await until(lambda: len(h.dialer.attempts) == 2, "a connection after the interval dials")
+
+    run(main())
+
+
+def limited_rules(limits: dict[str, Any], *, mode: str = "enforce") -> dict[str, Any]:
+    blog = {
+        "name": "blog",
+        "uids": [APP_UID],
+        "allow": ["api.example.com:443", "www.example.com:80"],
+        "limits": limits,
+        "mode": mode,
+    }
+    return {
+        "app": [blog, {"name": "worker", "uids": [OTHER_APP_UID], "allow": ["*.example.org:443"]}]
+    }
+
+
+@FLAVOURS
+def test_max_concurrent_holds_slots_from_the_decision_to_the_close(flavour: Flavour) -> None:
+    """Two tunnels of the app may be open (or dialing); the third is refused until one
+    closes; another app is not affected."""
+
+    async def main() -> None:
+        h = Harness(snapshot=make_snapshot(data=limited_rules({"max_concurrent": 2})))
+        clients = []
+        for index in range(2):
+            _, client = h.accept(flavour.factory)
+            flavour.request(client, "api.example.com", 443)
+            await h.dialer.next_attempt(index)
+            clients.append(client)
+        attempt = h.dialer.attempts[0]
+        attempt.complete(sockname=UPSTREAM_SOCKNAME)  # one tunnel open, one still dialing
+        await until(lambda: h.registry.tunnel_slots("blog") == 2, "two slots held")
+        _, third = h.accept(flavour.factory)
+        flavour.request(third, "api.example.com", 443)
+        [record] = await h.log.wait_for(1)
+        assert len(h.dialer.attempts) == 2
+        reply = bytes(third.written[len(flavour.preamble) :])
+        if flavour is SOCKS5:
+            assert reply == socks5_reply(0x02)
+        else:
+            head = reply.split(b"\r\n\r\n", 1)[0].split(b"\r\n")
+            assert head[0] == b"HTTP/1.1 429 Too Many Requests"
+            assert not any(line.startswith(b"Retry-After") for line in head)
+        assert (record["decision"], record["reason"]) == ("denied", "too_many_connections")
+        assert "2 tunnels open on this node; max_concurrent is 2" in record["error"]
+        # the open tunnel closes: its slot is free for the next connection
+        clients[0].peer_reset()
+        await until(lambda: h.registry.tunnel_slots("blog") == 1, "the slot given back")
+        _, fourth = h.accept(flavour.factory)
+        flavour.request(fourth, "api.example.com", 443)
+        await h.dialer.next_attempt(2)
+
+    run(main())
+
+
+def test_transparent_connection_over_the_rate_is_reset() -> None:
+    async def main() -> None:
+        rules = limited_rules({"connections_per_second": 1, "burst": 1})
+        h = Harness(snapshot=make_snapshot(data=rules))
+        h.resolver.cached[API] = ("api.example.com",)
+        h.accept(TransparentConnection, extra=transparent_extra((API, 443)))
+        await h.dialer.next_attempt()
+        extra = transparent_extra((API, 443))
+        _, second = h.accept(TransparentConnection, extra=extra)
+        [record] = await h.log.wait_for(1)
+        assert second.aborted and second.written == b""  # a reset: no reply to speak of
+        linger = extra["socket"].options[socket.SOL_SOCKET, socket.SO_LINGER]
+        assert struct.unpack("ii", linger) == (1, 0)  # so the close is a RST, not a FIN
+        assert (record["listener"], record["reason"]) == ("transparent", "rate_limited")
+
+    run(main())
+
+
+@FLAVOURS
+def test_report_mode_is_still_held_to_its_limits(flavour: Flavour) -> None:
+    async def main() -> None:
+        rules = limited_rules({"connections_per_second": 1, "burst": 1}, mode="report")
+        h = Harness(snapshot=make_snapshot(data=rules))
+        _, first = h.accept(flavour.factory)
+        flavour.request(first, "api.example.com", 443)
+        await h.dialer.next_attempt()
+        _, second = h.accept(flavour.factory)
+        flavour.request(second, "www.example.com", 80)
+        [record] = await h.log.wait_for(1)
+        assert (record["decision"], record["reason"]) == ("denied", "rate_limited")
+
+    run(main())
+
+
+@FLAVOURS
+def test_a_denied_destination_spends_no_token(flavour: Flavour) -> None:
+    """The rules decide first: a connection they deny never reaches the limiter."""
+
+    async def main() -> None:
+        h = Harness(
+            snapshot=make_snapshot(data=limited_rules({"connections_per_second": 1, "burst": 1}))
+        )
+        _, denied = h.accept(flavour.factory)
+        flavour.request(denied, "evil.example.net", 443)
+        [record] = await h.log.wait_for(1)
+        assert record["reason"] == "not_allowed"
+        _, allowed = h.accept(flavour.factory)
+        flavour.request(allowed, "api.example.com", 443)
+        await h.dialer.next_attempt()
+
+    run(main())
+
+
+@FLAVOURS
+def test_a_destination_limit_counts_each_destination_alone(flavour: Flavour) -> None:
+    async def main() -> None:
+        rules = limited_rules({"destination_connections_per_second": 1, "destination_burst": 1})
+        h = Harness(snapshot=make_snapshot(data=rules))
+        _, first = h.accept(flavour.factory)
+        flavour.request(first, "api.example.com", 443)
+        await h.dialer.next_attempt(0)
+        _, other = h.accept(flavour.factory)
+        flavour.request(other, "www.example.com", 80)  # another destination: its own bucket
+        await h.dialer.next_attempt(1)
+        _, again = h.accept(flavour.factory)
+        flavour.request(again, "api.example.com", 443)
+        [record] = await h.log.wait_for(1)
+        assert record["reason"] == "rate_limited"
+        assert "connections to this destination" in record["error"]
 
     run(main())
 

@@ -44,10 +44,12 @@ def test_package_boundaries(folder: str, forbidden: set[str], why: str) -> None:
         assert not wrong, f"{path.relative_to(ROOT)} imports {sorted(wrong)}: {why}"
 
 
-def test_only_policy_joins_rules_and_ratelimit() -> None:
+def test_only_limits_joins_rules_and_ratelimit() -> None:
+    """An app's limits (rules) meet the buckets (ratelimit) in one module; the shaper and
+    the test fakes aside, nothing else needs both."""
     both = [
         path.relative_to(ROOT).as_posix()
         for path in sorted((ROOT / "egress").rglob("*.py"))
         if {"rules", "ratelimit"} <= _imports(path)
     ]
-    assert both == ["egress/policy.py"]
+    assert both == ["egress/limits.py"]

@@ -29,7 +29,11 @@ def test_every_outcome_has_a_complete_row(outcome: Outcome) -> None:
     else:
         assert row.proxy_status is None
     assert row.challenge is (row.http == 407)
-    assert row.retry_after is (row.http == 429)
+    # A wait the limiter can name comes with Retry-After: a bucket's (429 rate_limited) or
+    # the breaker's (503 limiter_unavailable); a full max_concurrent has no such time.
+    assert row.retry_after is (outcome in (Outcome.RATE_LIMITED, Outcome.LIMITER_UNAVAILABLE))
+    if row.retry_after:
+        assert row.http in (429, 503)
 
 
 def test_the_table_has_no_extra_rows() -> None:

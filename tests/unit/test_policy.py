@@ -11,6 +11,7 @@ import pytest
 from egress.outcomes import DecisionLabel, Outcome
 from egress.policy import (
     Lookup,
+    Refusal,
     Verdict,
     after_lookup,
     after_lookup_failure,
@@ -19,7 +20,6 @@ from egress.policy import (
     first_step,
 )
 from egress.resolver import Resolution, ResolveError, ResolveFailure
-from ratelimit.base import LimitResult
 from rules.apps import App, Mode, UidRange
 from rules.decide import AppPolicy
 from rules.parse import parse_rule
@@ -85,28 +85,45 @@ def test_lookup_failures() -> None:
 
 
 @pytest.mark.parametrize(
-    ("verdict", "limit", "outcome", "retry_after"),
+    ("verdict", "refusal", "outcome", "retry_after"),
     [
         (Verdict(Outcome.ALLOWED, "r"), None, Outcome.ALLOWED, None),
-        (Verdict(Outcome.ALLOWED, "r"), LimitResult(True), Outcome.ALLOWED, None),
-        (Verdict(Outcome.ALLOWED, "r"), LimitResult(False, 1.5), Outcome.RATE_LIMITED, 1.5),
-        # report mode is still limited
+        (
+            Verdict(Outcome.ALLOWED, "r"),
+            Refusal(Outcome.RATE_LIMITED, "over", 1.5),
+            Outcome.RATE_LIMITED,
+            1.5,
+        ),
+        (
+            Verdict(Outcome.ALLOWED, "r"),
+            Refusal(Outcome.TOO_MANY_CONNECTIONS, "full"),
+            Outcome.TOO_MANY_CONNECTIONS,
+            None,
+        ),
+        # report mode is about rules: it is still limited
         (
             Verdict(Outcome.ALLOWED, reported=True, would_deny=Outcome.NOT_ALLOWED),
-            LimitResult(False, 2.0),
+            Refusal(Outcome.RATE_LIMITED, "over", 2.0),
             Outcome.RATE_LIMITED,
             2.0,
         ),
-        # a denial stays the denial, whatever the limiter says
-        (Verdict(Outcome.NOT_ALLOWED), LimitResult(False, 9.0), Outcome.NOT_ALLOWED, None),
+        # a denial stays the denial, whatever the limits say
+        (
+            Verdict(Outcome.NOT_ALLOWED),
+            Refusal(Outcome.RATE_LIMITED, "over", 9.0),
+            Outcome.NOT_ALLOWED,
+            None,
+        ),
     ],
 )
 def test_combine_with_a_limit(
-    verdict: Verdict, limit: LimitResult | None, outcome: Outcome, retry_after: float | None
+    verdict: Verdict, refusal: Refusal | None, outcome: Outcome, retry_after: float | None
 ) -> None:
-    combined = combine(verdict, limit)
+    combined = combine(verdict, refusal)
     assert combined.outcome is outcome
     assert combined.retry_after == retry_after
+    if refusal is not None and verdict.allowed:
+        assert combined.rule == verdict.rule and combined.detail == refusal.detail
 
 
 def test_decision_and_reason_labels() -> None:
