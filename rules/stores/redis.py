@@ -478,7 +478,8 @@ class RedisBackend:
 
     async def changes(self) -> AsyncIterator[int]:
         """Versions from the change channel. A lost connection is retried, backing off up to
-        2 s; once back, the current version is yielded if it moved meanwhile."""
+        2 s; once back (by this loop, or by redis-py resubscribing on its own), the current
+        version is read and yielded if it moved meanwhile."""
         delay = _FEED_BACKOFF_FIRST_S
         last: int | None = None
         while not self._closed:
@@ -493,7 +494,13 @@ class RedisBackend:
                     yield current
                 delay = _FEED_BACKOFF_FIRST_S
                 while (message := await self._next_message(pubsub)) is not _CLOSED:
-                    version = _message_version(message)
+                    version: int | None
+                    if _resubscribed(message):
+                        # redis-py reconnects a dropped pub/sub connection and subscribes
+                        # again by itself; what was published meanwhile never arrives.
+                        version = self._parse_version(await self._client.get(self._keys.version))
+                    else:
+                        version = _message_version(message)
                     if version is not None and version != last:  # heard twice across a resubscribe
                         last = version
                         yield version
@@ -617,6 +624,11 @@ def _audit_record(fields: Mapping[Any, Any] | None) -> AuditRecord | None:
         return AuditRecord.from_data(data) if isinstance(data, dict) else None
     except (ValueError, KeyError, TypeError):
         return None
+
+
+def _resubscribed(message: Mapping[str, Any] | None) -> bool:
+    """A subscribe confirmation: the first, or one after redis-py reconnected by itself."""
+    return message is not None and message.get("type") in ("subscribe", b"subscribe")
 
 
 def _message_version(message: Mapping[str, Any] | None) -> int | None:

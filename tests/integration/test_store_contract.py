@@ -659,6 +659,29 @@ def test_a_restarted_redis_is_read_again_and_the_feed_resumes(tmp_path: Path) ->
         run_redis(body)
 
 
+def test_a_commit_made_while_the_feed_reconnects_is_not_missed(redis_server: RedisServer) -> None:
+    """redis-py reconnects and resubscribes a dropped pub/sub connection by itself; what was
+    published in between never arrives. The feed reads the version again on resubscribing."""
+
+    async def body(opened: list[RuleStore]) -> None:
+        writer, follower = redis_store(redis_server, opened), redis_store(redis_server, opened)
+        async with feed_of(follower) as feed:
+            with redis_server.client() as admin:
+                await eventually(
+                    lambda: admin.pubsub_numsub("{egress}:rules:changes")[0][1] == 1,
+                    "the follower subscribed to the change channel",
+                )
+                assert await next_version(feed) == 0
+                for expected in (1, 2, 3):
+                    admin.client_kill_filter(_type="pubsub")
+                    # the follower is reconnecting now: this commit's message goes nowhere
+                    app = make_app(f"app{expected}", 10000 + expected, "a.example.com:443")
+                    await writer.commit(CreateApp(app), ALICE)
+                    assert await next_version(feed, timeout=3.0) == expected
+
+    run_redis(body)
+
+
 def test_a_follower_does_not_trust_its_cache_after_redis_lost_its_data(
     redis_server: RedisServer,
 ) -> None:
