@@ -20,11 +20,15 @@ the connection never awaits the limiter.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
+import os
+import secrets
+import socket
 from dataclasses import dataclass, fields
 
-from egress.config import RatelimitBackend, RatelimitConfig
+from egress.config import Concurrency, RatelimitBackend, RatelimitConfig
 from egress.metrics import ProxyMetrics
 from egress.net.registry import ConnectionRegistry, Tracked
 from egress.outcomes import Outcome
@@ -85,7 +89,7 @@ def effective_limits(limits: Limits | None, defaults: Limits | None = None) -> A
 class ConnectionLimits:
     """Checks an app's limits for one connection; see the module docstring for the order."""
 
-    __slots__ = ("_defaults", "_effective", "limiter", "metrics", "shaper")
+    __slots__ = ("_defaults", "_effective", "across_nodes", "limiter", "metrics", "shaper")
 
     def __init__(
         self,
@@ -94,9 +98,14 @@ class ConnectionLimits:
         *,
         defaults: Limits | None = None,
         shaper: BandwidthShaper | None = None,
+        registry: ConnectionRegistry | None = None,
     ) -> None:
         self.limiter = limiter
         self.metrics = metrics
+        self.across_nodes: TunnelsAcrossNodes | None = None
+        if limiter.counts_tunnels:
+            assert registry is not None, "tunnels counted across nodes need the registry"
+            self.across_nodes = TunnelsAcrossNodes(limiter, registry)
         self.shaper = shaper if shaper is not None else BandwidthShaper()
         metrics.shaped_seconds = self.shaper.shaped_seconds
         self._defaults = defaults
@@ -171,6 +180,13 @@ class ConnectionLimits:
                     Outcome.TOO_MANY_CONNECTIONS,
                     f"{held} tunnels open on this node; max_concurrent is {cap}",
                 )
+            if self.across_nodes is not None:
+                refusal = await self.across_nodes.admit(connection, app, cap)
+                if refusal is not None:
+                    metrics.ratelimit_decision(
+                        app, "concurrent", "unavailable" if refusal.retry_after else "limited"
+                    )
+                    return refusal
             metrics.ratelimit_decision(app, "concurrent", "allowed")
         if limits.connections is not None:
             refusal = await self._take(f"{app}/conn", limits.connections, app, "connections")
@@ -188,6 +204,11 @@ class ConnectionLimits:
             self.metrics.ratelimit_decision(app, limit, "allowed")
             return None
         return self._refusal(result, app, limit, rate)
+
+    async def aclose(self) -> None:
+        if self.across_nodes is not None:
+            await self.across_nodes.aclose()
+        await self.limiter.aclose()
 
     def _refusal(self, result: LimitResult, app: str, limit: str, rate: Rate) -> Refusal:
         retry = result.retry_after_seconds
@@ -209,25 +230,120 @@ class ConnectionLimits:
         )
 
 
+class TunnelsAcrossNodes:
+    """``max_concurrent`` counted over every node (``concurrency = "global"``): this node's
+    count of each app's tunnels, kept in Redis in step with the registry's slots
+    (:mod:`ratelimit.tunnels`).
+
+    Writes for one app are made one at a time, each with the count as it is when it is sent, so
+    a later count never lands before an earlier one. A close writes the new count soon after
+    (closes that come together share one write), and every count is written again every
+    ``ttl / 3`` seconds, which repairs anything a Redis outage lost.
+    """
+
+    def __init__(self, limiter: Limiter, registry: ConnectionRegistry) -> None:
+        self._limiter = limiter
+        self._registry = registry
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._dirty: set[str] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._refresher: asyncio.Task[None] | None = None
+        registry.on_slot_released = self._released
+
+    def _lock(self, app: str) -> asyncio.Lock:
+        lock = self._locks.get(app)
+        if lock is None:
+            lock = self._locks[app] = asyncio.Lock()
+        return lock
+
+    async def admit(self, connection: Tracked, app: str, cap: int) -> Refusal | None:
+        """The connection holds one of this node's slots: does it fit across nodes? If not,
+        the slot is given back."""
+        if self._refresher is None:
+            self._refresher = asyncio.get_running_loop().create_task(
+                self._refresh(), name="egress tunnel counts"
+            )
+        async with self._lock(app):
+            mine = self._registry.tunnel_slots(app)
+            result, total = await self._limiter.admit_tunnel(app, mine, cap)
+        if result.allowed:
+            return None
+        self._registry.give_back_tunnel_slot(connection)
+        if result.unavailable:
+            retry = result.retry_after_seconds
+            return Refusal(
+                Outcome.LIMITER_UNAVAILABLE,
+                'Redis is unreachable and ratelimit.on_redis_error = "deny";'
+                f" retry in {retry:.3g} s",
+                retry,
+            )
+        return Refusal(
+            Outcome.TOO_MANY_CONNECTIONS,
+            f"{total} tunnels open across nodes; max_concurrent is {cap}",
+        )
+
+    def _released(self, app: str) -> None:
+        if app in self._dirty:
+            return  # a write is already on its way; it will send the count as it is then
+        self._dirty.add(app)
+        task = asyncio.get_running_loop().create_task(self._write(app))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _write(self, app: str) -> None:
+        async with self._lock(app):
+            self._dirty.discard(app)
+            await self._limiter.set_tunnels(app, self._registry.tunnel_slots(app))
+
+    async def _refresh(self) -> None:
+        tunnels = self._limiter.tunnel_counts
+        assert tunnels is not None
+        while True:
+            await asyncio.sleep(tunnels.ttl / 3)
+            for app, count in self._registry.slots_held().items():
+                async with self._lock(app):
+                    await self._limiter.set_tunnels(app, count)
+
+    async def aclose(self) -> None:
+        tasks = [*self._tasks, *([self._refresher] if self._refresher else [])]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
 def build_connection_limits(
-    config: RatelimitConfig, redis_url: str, metrics: ProxyMetrics
+    config: RatelimitConfig,
+    redis_url: str,
+    metrics: ProxyMetrics,
+    registry: ConnectionRegistry,
 ) -> ConnectionLimits:
     """The limits of a proxy configured by ``[ratelimit]`` (and ``[redis].url`` for Redis).
     Nothing connects yet: the Redis client connects on the first check. The client does not
     retry a failed command: within a deadline of tens of milliseconds a retry's backoff only
     delays the fallback, and the breaker's probe is the retry."""
     local = MemoryBuckets()
-    shared = None
+    shared = tunnels = None
     if config.backend is RatelimitBackend.REDIS:
         from egress.redisclient import make_client  # noqa: PLC0415  (redis only when used)
         from ratelimit.redis import RedisBuckets  # noqa: PLC0415
+        from ratelimit.tunnels import RedisTunnelCounts  # noqa: PLC0415
 
+        client = make_client(redis_url, timeout=config.redis_timeout, retries=0)
         shared = RedisBuckets(
-            make_client(redis_url, timeout=config.redis_timeout, retries=0),
+            client,
             prefix=config.redis_prefix,
             timeout=config.redis_timeout,
             observe=metrics.ratelimit_redis_call,
         )
+        if config.concurrency is Concurrency.GLOBAL:
+            tunnels = RedisTunnelCounts(
+                client,
+                node=node_id(),
+                prefix=config.redis_prefix,
+                timeout=config.redis_timeout,
+                ttl=config.tunnel_ttl,
+                observe=metrics.ratelimit_redis_call,
+            )
     limiter = Limiter(
         shared,
         local,
@@ -236,5 +352,12 @@ def build_connection_limits(
         breaker=CircuitBreaker(
             failures_to_open=config.breaker_failures, open_for=config.breaker_open
         ),
+        tunnels=tunnels,
     )
-    return ConnectionLimits(limiter, metrics, defaults=config.defaults)
+    return ConnectionLimits(limiter, metrics, defaults=config.defaults, registry=registry)
+
+
+def node_id() -> str:
+    """This process among the nodes: host, pid and a random part (a restarted proxy is a new
+    node; the old one's counts expire)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"

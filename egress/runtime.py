@@ -76,6 +76,8 @@ _RESTART_KEYS: Final = {
         "redis_prefix",
         "breaker_failures",
         "breaker_open",
+        "concurrency",
+        "tunnel_ttl",
     ),
     "redis": ("url",),
 }
@@ -142,7 +144,9 @@ class ProxyRuntime:
             max_connections=config.proxy.max_connections,
             max_handshakes_per_app=config.proxy.max_handshakes_per_app,
         )
-        self.limits = build_connection_limits(config.ratelimit, config.redis.url, self.metrics)
+        self.limits = build_connection_limits(
+            config.ratelimit, config.redis.url, self.metrics, self.registry
+        )
         self.admin_address: str | None = None
         self._owners: ConnectionOwners | None = None
         self._context: ConnectionContext | None = None
@@ -371,7 +375,7 @@ class ProxyRuntime:
         await asyncio.gather(*retiring, return_exceptions=True)
         await self.resolver.aclose()
         with contextlib.suppress(Exception):
-            await self.limits.limiter.aclose()
+            await self.limits.aclose()
         if self._store is not None:
             with contextlib.suppress(Exception):
                 await self._store.aclose()

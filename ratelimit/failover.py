@@ -18,12 +18,15 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from enum import StrEnum
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from ratelimit.base import Buckets, LimiterUnavailable, LimitResult
 from ratelimit.breaker import CircuitBreaker
 from ratelimit.gcra import Rate
 from ratelimit.memory import MemoryBuckets
+
+if TYPE_CHECKING:  # it imports redis; a memory-only proxy never loads it
+    from ratelimit.tunnels import RedisTunnelCounts
 
 __all__ = ["FailurePolicy", "Limiter", "Mode"]
 
@@ -50,6 +53,7 @@ _FALLBACK_MODE: Final = {
     FailurePolicy.ALLOW: Mode.ALLOW,
 }
 _ALLOWED: Final = LimitResult(True)
+_NO_SLOT: Final = LimitResult(False)
 
 
 class Limiter:
@@ -60,6 +64,7 @@ class Limiter:
         "_local",
         "_local_rates",
         "_shared",
+        "_tunnels",
         "last_error",
         "local_share",
         "mode",
@@ -76,10 +81,12 @@ class Limiter:
         local_share: float = 1.0,
         breaker: CircuitBreaker | None = None,
         on_mode: Callable[[Mode], None] | None = None,
+        tunnels: RedisTunnelCounts | None = None,
     ) -> None:
         if not 0 < local_share <= 1:
             raise ValueError(f"local_share must be in (0, 1], not {local_share!r}")
         self._shared = shared
+        self._tunnels = tunnels  # max_concurrent across nodes (concurrency = "global")
         self._local = local
         self.policy = policy
         self.local_share = local_share
@@ -112,10 +119,65 @@ class Limiter:
             return result
         return self._fallback(key, rate, cost)
 
-    def _fallback(self, key: str, rate: Rate, cost: int) -> LimitResult:
+    @property
+    def counts_tunnels(self) -> bool:
+        """Whether ``max_concurrent`` is counted across nodes."""
+        return self._tunnels is not None
+
+    @property
+    def tunnel_counts(self) -> RedisTunnelCounts | None:
+        return self._tunnels
+
+    async def admit_tunnel(self, app: str, mine: int, cap: int) -> tuple[LimitResult, int]:
+        """With tunnels counted across nodes: may this node hold ``mine`` tunnels of ``app``
+        (the new one included) under ``cap`` in all? Also the total seen. While Redis is away
+        the policy applies: ``local`` caps this node at ``local_share`` of ``cap``."""
+        tunnels = self._tunnels
+        assert tunnels is not None
+        breaker = self._breaker
+        if breaker.allow():
+            try:
+                admitted, total = await tunnels.admit(app, mine, cap)
+            except LimiterUnavailable as error:
+                breaker.failed()
+                self.last_error = error
+            else:
+                breaker.succeeded()
+                if self.mode is not Mode.REDIS:
+                    self._set_mode(Mode.REDIS)
+                return (_ALLOWED if admitted else _NO_SLOT), total
+        mode = self._fallback_mode()
+        if mode is Mode.LOCAL:
+            local_cap = max(1, math.floor(cap * self.local_share))
+            return (_ALLOWED if mine <= local_cap else _NO_SLOT), mine
+        if mode is Mode.ALLOW:
+            return _ALLOWED, mine
+        return LimitResult(False, max(1.0, breaker.retry_in()), unavailable=True), mine
+
+    async def set_tunnels(self, app: str, mine: int) -> None:
+        """Write this node's tunnel count for ``app`` (after a close, and as a refresh); a
+        failure is left to the next write to repair."""
+        tunnels = self._tunnels
+        if tunnels is None or not self._breaker.allow():
+            return
+        try:
+            await tunnels.set(app, mine)
+        except LimiterUnavailable as error:
+            self._breaker.failed()
+            self.last_error = error
+        else:
+            self._breaker.succeeded()
+            if self.mode is not Mode.REDIS:
+                self._set_mode(Mode.REDIS)
+
+    def _fallback_mode(self) -> Mode:
         mode = _FALLBACK_MODE[self.policy]
         if self.mode is not mode:
             self._set_mode(mode)
+        return mode
+
+    def _fallback(self, key: str, rate: Rate, cost: int) -> LimitResult:
+        mode = self._fallback_mode()
         if mode is Mode.LOCAL:
             return self._local.take_now(key, self._local_rate(rate), cost)
         if mode is Mode.ALLOW:

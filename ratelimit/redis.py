@@ -310,7 +310,7 @@ class RedisBuckets:
             OSError,
             RuntimeError,
         ) as error:
-            if isinstance(error, RuntimeError) and not _closed_transport(error):
+            if isinstance(error, RuntimeError) and not closed_transport(error):
                 raise  # a bug: the worker logs it and fails the batch
             kind = _kind_of(error)
             self._report(started, kind)
@@ -416,7 +416,7 @@ def _waiters(calls: Sequence[tuple[_CallKey, list[_Waiter]]]) -> list[_Waiter]:
     return [waiter for _, waiters in calls for waiter in waiters]
 
 
-def _closed_transport(error: RuntimeError) -> bool:
+def closed_transport(error: RuntimeError) -> bool:
     """uvloop's answer to a write on a connection the server has reset ("unable to perform
     operation on <TCPTransport closed=True ...>; the handler is closed"), which redis-py passes
     on as it is: a lost connection, not a bug."""
@@ -428,7 +428,7 @@ def _kind_of(error: BaseException) -> str:
     """The bounded label of a failure: timeout, connection, script or error."""
     if isinstance(error, TimeoutError | redis.exceptions.TimeoutError):
         return "timeout"
-    if isinstance(error, RuntimeError):  # a closed transport (see _closed_transport)
+    if isinstance(error, RuntimeError):  # a closed transport (see closed_transport)
         return "connection"
     if isinstance(error, redis.exceptions.ConnectionError | OSError):
         return "connection"

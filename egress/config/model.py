@@ -42,6 +42,13 @@ class RatelimitBackend(StrEnum):
     REDIS = "redis"
 
 
+class Concurrency(StrEnum):
+    """Where ``max_concurrent`` counts an app's tunnels."""
+
+    NODE = "node"  # this node's own
+    GLOBAL = "global"  # every node's, in Redis (needs backend = "redis")
+
+
 class RedisErrorPolicy(StrEnum):
     """What the limiter does while Redis is unreachable."""
 
@@ -208,6 +215,8 @@ class RatelimitConfig:
     breaker_failures: int = 3  # failed calls in a row that stop the limiter waiting on Redis
     breaker_open: float = 0.5  # seconds before Redis is tried again (doubling, up to 8 s)
     defaults: Limits | None = None  # [ratelimit.defaults]: limits for keys an app leaves unset
+    concurrency: Concurrency = Concurrency.NODE  # where max_concurrent counts tunnels
+    tunnel_ttl: float = 15.0  # "global": a node's counts expire this long after its last write
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,6 +20,7 @@ from egress.config.model import (
     AdminConfig,
     AdminRole,
     AdminToken,
+    Concurrency,
     Config,
     FirewallBackend,
     FirewallConfig,
@@ -238,7 +239,7 @@ def _read_rules(t: Table) -> RulesConfig:
 def _read_ratelimit(t: Table) -> RatelimitConfig:
     d = RatelimitConfig()
     defaults = t.table("defaults", name="ratelimit.defaults")
-    return RatelimitConfig(
+    config = RatelimitConfig(
         backend=t.value("backend", choice(RatelimitBackend), d.backend),
         on_redis_error=t.value("on_redis_error", choice(RedisErrorPolicy), d.on_redis_error),
         local_share=t.value("local_share", _share, d.local_share),
@@ -247,7 +248,16 @@ def _read_ratelimit(t: Table) -> RatelimitConfig:
         breaker_failures=t.value("breaker_failures", integer(1, 1000), d.breaker_failures),
         breaker_open=t.value("breaker_open", _breaker_open, d.breaker_open),
         defaults=read_limits(defaults) if defaults.present else None,
+        concurrency=t.value("concurrency", choice(Concurrency), d.concurrency),
+        tunnel_ttl=t.value("tunnel_ttl", _tunnel_ttl, d.tunnel_ttl),
     )
+    if config.concurrency is Concurrency.GLOBAL and config.backend is RatelimitBackend.MEMORY:
+        t.reader.report(
+            t.key_path("concurrency"),
+            "global",
+            'backend = "redis": tunnels are counted across nodes in Redis',
+        )
+    return config
 
 
 def _share(raw: Any) -> float:
@@ -261,6 +271,13 @@ def _redis_timeout(raw: Any) -> float:
     seconds = positive_number("a number of seconds from 0.001 to 5")(raw)
     if not 0.001 <= seconds <= 5:
         raise RejectedError("a number of seconds from 0.001 to 5")
+    return seconds
+
+
+def _tunnel_ttl(raw: Any) -> float:
+    seconds = positive_number("a number of seconds from 1 to 300")(raw)
+    if not 1 <= seconds <= 300:
+        raise RejectedError("a number of seconds from 1 to 300")
     return seconds
 
 

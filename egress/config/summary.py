@@ -71,6 +71,7 @@ def summarize(config: Config) -> str:
             f"ratelimit: redis, keys {{{rl.redis_prefix}:<app>}}:rl:*, deadline"
             f" {rl.redis_timeout * 1000:g} ms; on redis error: {rl.on_redis_error}"
             + (f" at {rl.local_share:g} of each rate" if rl.on_redis_error == "local" else "")
+            + f"; max_concurrent per {'node' if rl.concurrency == 'node' else 'all nodes'}"
         )
     else:
         lines.append("ratelimit: memory (this node's own buckets)")

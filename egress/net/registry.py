@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 from typing import Protocol
 
 from egress.metrics import ProxyMetrics
@@ -49,6 +50,7 @@ class ConnectionRegistry:
         "draining",
         "max_connections",
         "max_handshakes_per_app",
+        "on_slot_released",
     )
 
     def __init__(
@@ -63,6 +65,8 @@ class ConnectionRegistry:
         self._handshaking: dict[str, int] = {}
         self._slot_holders: dict[Tracked, str] = {}  # connection -> app whose tunnel slot it holds
         self._slots: dict[str, int] = {}
+        # told the app whose tunnel slot was given back (tunnels counted across nodes)
+        self.on_slot_released: Callable[[str], None] | None = None
         self._all_released = asyncio.Event()
         self._all_released.set()
 
@@ -92,6 +96,23 @@ class ConnectionRegistry:
         self._slots[app] = held + 1
         self._slot_holders[connection] = app
         return None
+
+    def give_back_tunnel_slot(self, connection: Tracked) -> None:
+        """The connection's tunnel slot, if it holds one, is free again."""
+        app = self._slot_holders.pop(connection, None)
+        if app is None:
+            return
+        held = self._slots[app] - 1
+        if held:
+            self._slots[app] = held
+        else:
+            del self._slots[app]
+        if self.on_slot_released is not None:
+            self.on_slot_released(app)
+
+    def slots_held(self) -> dict[str, int]:
+        """Tunnel slots held now, by app (a copy)."""
+        return dict(self._slots)
 
     def accept(self, connection: Tracked) -> Outcome | None:
         """Track a connection the kernel just handed us; the outcome to refuse it with, if any."""
@@ -129,13 +150,7 @@ class ConnectionRegistry:
             return
         if app:
             self._give_back(app)
-        slot_app = self._slot_holders.pop(connection, None)
-        if slot_app is not None:
-            held = self._slots[slot_app] - 1
-            if held:
-                self._slots[slot_app] = held
-            else:
-                del self._slots[slot_app]
+        self.give_back_tunnel_slot(connection)
         self._metrics.open_connections.dec()
         if not self._connections:
             self._all_released.set()

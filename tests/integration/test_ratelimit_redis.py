@@ -838,3 +838,80 @@ async def refusals_give_their_slots_back(node: Node) -> None:
         ]
         assert not any(a.admitted for a in refused), refused
         assert_refused_as(refused, "rate_limited")
+
+
+# --- max_concurrent across nodes ----------------------------------------------------------------
+GLOBAL_TTL_S = 2.0  # [ratelimit].tunnel_ttl: how soon a dead node's tunnels stop counting
+
+
+def test_max_concurrent_across_nodes_holds_and_a_dead_node_leaks_nothing(tmp_path: Path) -> None:
+    """concurrency = "global": one cap over both nodes' tunnels. A node killed with tunnels
+    open stops counting once its counts expire (tunnel_ttl); nothing is leaked for good."""
+    with RedisServer(tmp_path / "redis") as server:
+        apps = [app("blog", APP_UID, "127.0.0.1:*", max_concurrent=CAP)]
+        ratelimit = {"concurrency": "global", "tunnel_ttl": GLOBAL_TTL_S}
+        configs = [
+            node_config(tmp_path, name, server.url, apps, ratelimit=ratelimit)
+            for name in ("a", "b")
+        ]
+        with running_nodes(*configs) as (a, b):
+            run("asyncio", across_nodes(a, b), timeout=60)
+            assert b.alive()  # (a was killed on purpose)
+
+
+async def across_nodes(a: Node, b: Node) -> None:
+    async with Upstream() as upstream:
+        destination = ("127.0.0.1", upstream.port)
+        on_a = [await open_tunnel(a, APP_UID, destination) for _ in range(2)]
+        on_b = [await open_tunnel(b, APP_UID, destination)]
+        held = [t for t in (*on_a, *on_b) if isinstance(t, Tunnel)]
+        try:
+            assert len(held) == CAP, (on_a, on_b)
+            # Either node is full now: the cap counts both.
+            over = [
+                await attempt(b, "socks5", APP_UID, destination),
+                await attempt(a, "http", APP_UID, destination),
+            ]
+            assert [o.code for o in over] == [SOCKS5_NOT_ALLOWED, 429], over
+            assert "3 tunnels open across nodes; max_concurrent is 3" in over[1].body
+
+            # A close on A frees a slot that B can take.
+            first = on_a[0]
+            assert isinstance(first, Tunnel)
+            await first.close()
+            held.remove(first)
+            reopened = await eventually_open(b, destination)
+            held.append(reopened)
+            assert (await attempt(a, "socks5", APP_UID, destination)).code == SOCKS5_NOT_ALLOWED
+        finally:
+            for tunnel in held:
+                await tunnel.close()
+        # Everything closed: the whole cap is free again, on one node.
+        fresh = [await eventually_open(a, destination) for _ in range(CAP)]
+        try:
+            # A dies holding all three: B is refused until A's counts expire, then admitted.
+            a.process.proc.kill()
+            a.process.proc.wait(timeout=10)
+            assert (await attempt(b, "socks5", APP_UID, destination)).code == SOCKS5_NOT_ALLOWED
+            killed_at = time.monotonic()
+            back = await eventually_open(b, destination, within=GLOBAL_TTL_S + 5.0)
+            waited = time.monotonic() - killed_at
+            await back.close()
+            assert waited < GLOBAL_TTL_S + 5.0
+        finally:
+            for tunnel in fresh:
+                await tunnel.close()
+
+
+async def eventually_open(
+    node: Node, destination: tuple[str, int], *, within: float = 5.0
+) -> Tunnel:
+    """A tunnel, retried while the node still refuses it (a close takes a moment to count)."""
+    deadline = time.monotonic() + within
+    while True:
+        tunnel = await open_tunnel(node, APP_UID, destination)
+        if isinstance(tunnel, Tunnel):
+            return tunnel
+        if time.monotonic() > deadline:
+            raise AssertionError(f"still refused after {within} s: {tunnel}")
+        await asyncio.sleep(0.1)

@@ -173,3 +173,74 @@ def test_local_share_outside_zero_to_one_is_refused() -> None:
     for share in (0.0, 1.5, -1.0):
         with pytest.raises(ValueError, match="local_share"):
             Limiter(None, MemoryBuckets(clock.us), local_share=share)
+
+
+class SwitchableTunnels:
+    """Tunnel counts across nodes that can be made to fail (ratelimit.tunnels on real Redis is
+    tested in tests/test_tunnel_counts.py)."""
+
+    ttl = 15.0
+
+    def __init__(self) -> None:
+        self.down = False
+        self.others = 0  # tunnels the other nodes hold
+        self.written: list[int] = []
+
+    async def admit(self, app: str, mine: int, cap: int) -> tuple[bool, int]:
+        if self.down:
+            raise LimiterUnavailable(
+                "redis at 127.0.0.1:1 refused the connection", kind="connection"
+            )
+        if self.others + mine > cap:
+            return False, self.others + mine - 1
+        self.written.append(mine)
+        return True, self.others + mine
+
+    async def set(self, app: str, mine: int) -> int:
+        if self.down:
+            raise LimiterUnavailable("down", kind="connection")
+        self.written.append(mine)
+        return self.others + mine
+
+
+@pytest.mark.parametrize(
+    ("policy", "admitted_while_down"),
+    [(FailurePolicy.LOCAL, [True, True, False]), (FailurePolicy.ALLOW, [True, True, True])],
+)
+def test_tunnels_across_nodes_fall_back_like_the_buckets(
+    policy: FailurePolicy, admitted_while_down: list[bool]
+) -> None:
+    clock = Clock()
+    tunnels = SwitchableTunnels()
+    limiter = Limiter(
+        SwitchableBackend(clock),
+        MemoryBuckets(clock.us),
+        policy=policy,
+        local_share=0.5,
+        tunnels=tunnels,  # type: ignore[arg-type]
+    )
+    tunnels.others = 3
+    result, total = asyncio.run(limiter.admit_tunnel("blog", 1, 4))
+    assert result.allowed and total == 4
+    result, total = asyncio.run(limiter.admit_tunnel("blog", 2, 4))
+    assert not result.allowed and not result.unavailable and total == 4
+    tunnels.down = True  # this node on its own: half of the cap of 4
+    results = [asyncio.run(limiter.admit_tunnel("blog", mine, 4))[0] for mine in (1, 2, 3)]
+    assert [r.allowed for r in results] == admitted_while_down
+    assert limiter.mode is Mode(policy.value)
+
+
+def test_tunnels_across_nodes_deny_while_down() -> None:
+    clock = Clock()
+    tunnels = SwitchableTunnels()
+    tunnels.down = True
+    limiter = Limiter(
+        SwitchableBackend(clock),
+        MemoryBuckets(clock.us),
+        policy=FailurePolicy.DENY,
+        tunnels=tunnels,  # type: ignore[arg-type]
+    )
+    result, _ = asyncio.run(limiter.admit_tunnel("blog", 1, 4))
+    assert not result.allowed and result.unavailable
+    asyncio.run(limiter.set_tunnels("blog", 0))  # a failed write is left for the next one
+    assert tunnels.written == []
