@@ -613,3 +613,50 @@ def test_check_config_warns_about_what_the_store_ignores(tmp_path: Path) -> None
     )
     plain = load_config(write(tmp_path, listen + '[rules]\nstore = "file"\nversion = 4\n'))
     assert warnings_for(plain) == []
+
+
+# --- [ratelimit] -------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("text", "key", "expected"),
+    [
+        ("[ratelimit]\nlocal_share = 1.5\n", "ratelimit.local_share", "at most 1"),
+        ("[ratelimit]\nlocal_share = 0\n", "ratelimit.local_share", "greater than 0"),
+        ("[ratelimit]\nredis_timeout = 10\n", "ratelimit.redis_timeout", "0.001 to 5"),
+        ("[ratelimit]\nbreaker_failures = 0\n", "ratelimit.breaker_failures", "1 to 1000"),
+        ("[ratelimit]\nbreaker_open = 60\n", "ratelimit.breaker_open", "0.01 to 8"),
+        ("[ratelimit]\ntunnel_ttl = 0.5\n", "ratelimit.tunnel_ttl", "1 to 300"),
+        ("[ratelimit]\nredis_prefix = 'a{b}'\n", "ratelimit.redis_prefix", "characters"),
+        ('[ratelimit]\nconcurrency = "global"\n', "ratelimit.concurrency", 'backend = "redis"'),
+        ("[ratelimit.defaults]\nburst = 0\n", "ratelimit.defaults.burst", ">= 1"),
+        ("[ratelimit.defaults]\nbrust = 5\n", "ratelimit.defaults", "brust"),
+    ],
+)
+def test_ratelimit_mistakes_name_the_key_and_the_file(
+    tmp_path: Path, text: str, key: str, expected: str
+) -> None:
+    problem = only_problem(tmp_path, '[proxy]\nsocks5_listen = ["127.0.0.1:1080"]\n' + text)
+    shown = str(problem)
+    assert key in shown and expected in shown, shown
+    assert "egress.toml" in shown
+
+
+def test_ratelimit_settings_are_read() -> None:
+    config = parse_config(
+        {
+            "proxy": {"socks5_listen": ["127.0.0.1:1080"]},
+            "ratelimit": {
+                "backend": "redis",
+                "on_redis_error": "deny",
+                "local_share": 0.25,
+                "redis_timeout": 0.02,
+                "concurrency": "global",
+                "tunnel_ttl": 5,
+                "defaults": {"connections_per_second": 50, "max_concurrent": 10},
+            },
+        },
+        source="test",
+    )
+    rl = config.ratelimit
+    assert (rl.local_share, rl.redis_timeout, rl.tunnel_ttl) == (0.25, 0.02, 5.0)
+    assert rl.defaults == Limits(connections_per_second=50, max_concurrent=10)
+    assert "deny" in summarize(config) and "all nodes" in summarize(config)
