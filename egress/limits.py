@@ -43,6 +43,9 @@ from rules.apps import App, Limits
 
 log = logging.getLogger("egress.limits")
 
+PROBE_INTERVAL_S = 1.0
+BREAKER_MAX_OPEN_S = 2.0  # how long a Redis that came back may go untried, at most
+
 __all__ = ["AppLimits", "ConnectionLimits", "build_connection_limits", "effective_limits"]
 
 
@@ -128,7 +131,7 @@ class ConnectionLimits:
         """A reload: the keys that apply live (``defaults``, ``on_redis_error``,
         ``local_share``); the others need a restart (the runtime says so)."""
         self.defaults = config.defaults
-        self.limiter.policy = FailurePolicy(config.on_redis_error.value)
+        self.limiter.set_policy(FailurePolicy(config.on_redis_error.value))
         self.limiter.local_share = config.local_share
 
     def for_app(self, app: App) -> AppLimits | None:
@@ -205,6 +208,18 @@ class ConnectionLimits:
             return None
         return self._refusal(result, app, limit, rate)
 
+    async def watch(self) -> None:
+        """Ask a shared backend every second whether it is there (runs until cancelled), so
+        metrics and ``/readyz`` show an outage, and its end, without waiting for traffic."""
+        if not self.limiter.shared:
+            return
+        while True:
+            try:
+                await self.limiter.probe()
+            except Exception:  # a bug: keep probing, never take the proxy's background down
+                log.exception("rate limiter probe failed")
+            await asyncio.sleep(PROBE_INTERVAL_S)
+
     async def aclose(self) -> None:
         if self.across_nodes is not None:
             await self.across_nodes.aclose()
@@ -221,7 +236,8 @@ class ConnectionLimits:
                 retry,
             )
         self.metrics.ratelimit_decision(app, limit, "limited")
-        what = "connections" if limit == "connections" else "connections to this destination"
+        noun = "connection" if rate.per_second == 1 else "connections"
+        what = noun if limit == "connections" else f"{noun} to this destination"
         return Refusal(
             Outcome.RATE_LIMITED,
             f"over {rate.per_second:g} {what} per second (burst {rate.burst});"
@@ -318,9 +334,10 @@ def build_connection_limits(
     registry: ConnectionRegistry,
 ) -> ConnectionLimits:
     """The limits of a proxy configured by ``[ratelimit]`` (and ``[redis].url`` for Redis).
-    Nothing connects yet: the Redis client connects on the first check. The client does not
-    retry a failed command: within a deadline of tens of milliseconds a retry's backoff only
-    delays the fallback, and the breaker's probe is the retry."""
+    Nothing connects yet: the Redis client connects on the first check. The client retries a
+    command once, after a pause of a tenth of the deadline, when its connection failed: after a
+    Redis restart every pooled connection is dead, and without the retry each node's first
+    check would count as Redis being down."""
     local = MemoryBuckets()
     shared = tunnels = None
     if config.backend is RatelimitBackend.REDIS:
@@ -328,7 +345,7 @@ def build_connection_limits(
         from ratelimit.redis import RedisBuckets  # noqa: PLC0415
         from ratelimit.tunnels import RedisTunnelCounts  # noqa: PLC0415
 
-        client = make_client(redis_url, timeout=config.redis_timeout, retries=0)
+        client = make_client(redis_url, timeout=config.redis_timeout, retries=1)
         shared = RedisBuckets(
             client,
             prefix=config.redis_prefix,
@@ -350,7 +367,9 @@ def build_connection_limits(
         policy=FailurePolicy(config.on_redis_error.value),
         local_share=config.local_share,
         breaker=CircuitBreaker(
-            failures_to_open=config.breaker_failures, open_for=config.breaker_open
+            failures_to_open=config.breaker_failures,
+            open_for=config.breaker_open,
+            max_open_for=max(BREAKER_MAX_OPEN_S, config.breaker_open),
         ),
         tunnels=tunnels,
     )

@@ -242,6 +242,7 @@ class ProxyRuntime:
                 "apps": len(self.holder.current.ruleset),
                 "rules_store": config.rules.store.value,
                 "rules_version": self.holder.current.version,
+                "ratelimit": config.ratelimit.backend.value,
                 "admin": self.admin_address,
             },
         )
@@ -283,6 +284,7 @@ class ProxyRuntime:
                 group.create_task(self.holder.run(), name="rules compile"),
                 group.create_task(self._reload_loop(), name="config reload"),
                 group.create_task(self._sweep_loop(), name="resolver sweep"),
+                group.create_task(self.limits.watch(), name="rate limiter probe"),
             ]
             if self.store_source is not None:  # the shared store, through its change feed
                 tasks.append(group.create_task(self.holder.follow(self.store_source), name="rules"))

@@ -32,9 +32,10 @@ ALLOWED = LimitResult(True)
 class LimiterUnavailable(Exception):  # noqa: N818  (reads as what happened)
     """The bucket backend could not answer (in time); the message says why, for operators."""
 
-    def __init__(self, message: str, *, kind: str = "error") -> None:
+    def __init__(self, message: str, *, kind: str = "error", incident: int = 0) -> None:
         super().__init__(message)
         self.kind = kind  # a bounded label: "timeout", "connection", "script", "error"
+        self.incident = incident  # the failed round trip, shared by the checks it carried
 
 
 class Buckets(Protocol):
@@ -45,6 +46,10 @@ class Buckets(Protocol):
 
     async def take(self, key: str, rate: Rate, cost: int = 1) -> LimitResult:
         """Take ``cost`` tokens now, or none. Raises :class:`LimiterUnavailable`."""
+        ...
+
+    async def ping(self) -> None:
+        """Raise :class:`LimiterUnavailable` if the backend cannot answer now."""
         ...
 
     async def aclose(self) -> None: ...

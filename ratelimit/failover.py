@@ -61,6 +61,7 @@ class Limiter:
 
     __slots__ = (
         "_breaker",
+        "_last_incident",
         "_local",
         "_local_rates",
         "_shared",
@@ -92,6 +93,7 @@ class Limiter:
         self.local_share = local_share
         self._breaker = breaker if breaker is not None else CircuitBreaker()
         self.on_mode = on_mode  # told of every change of mode
+        self._last_incident = 0
         self.last_error: LimiterUnavailable | None = None  # why the shared backend last failed
         self._local_rates: dict[tuple[Rate, float], Rate] = {}
         self.mode = Mode.MEMORY if shared is None else Mode.REDIS
@@ -110,9 +112,11 @@ class Limiter:
             try:
                 result = await shared.take(key, rate, cost)
             except LimiterUnavailable as error:
-                breaker.failed()
-                self.last_error = error
+                self._failed(error)
                 return self._fallback(key, rate, cost)
+            except BaseException:  # cancelled (or a bug): no answer either way
+                breaker.abandoned()
+                raise
             breaker.succeeded()
             if self.mode is not Mode.REDIS:
                 self._set_mode(Mode.REDIS)
@@ -139,8 +143,10 @@ class Limiter:
             try:
                 admitted, total = await tunnels.admit(app, mine, cap)
             except LimiterUnavailable as error:
-                breaker.failed()
-                self.last_error = error
+                self._failed(error)
+            except BaseException:
+                breaker.abandoned()
+                raise
             else:
                 breaker.succeeded()
                 if self.mode is not Mode.REDIS:
@@ -163,12 +169,48 @@ class Limiter:
         try:
             await tunnels.set(app, mine)
         except LimiterUnavailable as error:
-            self._breaker.failed()
-            self.last_error = error
+            self._failed(error)
+        except BaseException:
+            self._breaker.abandoned()
+            raise
         else:
             self._breaker.succeeded()
             if self.mode is not Mode.REDIS:
                 self._set_mode(Mode.REDIS)
+
+    async def probe(self) -> None:
+        """Ask the shared backend whether it is there, as a check would (the breaker decides
+        whether to ask now): an outage shows, and a recovery is found, without traffic."""
+        shared = self._shared
+        if shared is None or not self._breaker.allow():
+            return
+        try:
+            await shared.ping()
+        except LimiterUnavailable as error:
+            self._failed(error)
+            self._fallback_mode()
+        except BaseException:
+            self._breaker.abandoned()
+            raise
+        else:
+            self._breaker.succeeded()
+            if self.mode is not Mode.REDIS:
+                self._set_mode(Mode.REDIS)
+
+    def set_policy(self, policy: FailurePolicy) -> None:
+        """A reload changed ``on_redis_error``: while Redis is away the new one is in force
+        (and shown) at once."""
+        self.policy = policy
+        if self.mode not in (Mode.MEMORY, Mode.REDIS):
+            self._fallback_mode()
+
+    def _failed(self, error: LimiterUnavailable) -> None:
+        """Count a failure once per failed round trip: every check that shared one carries the
+        same ``incident``, so one reset connection under load is one failure, not many."""
+        if error.incident == 0 or error.incident != self._last_incident:
+            self._breaker.failed()
+        self._last_incident = error.incident
+        self.last_error = error
 
     def _fallback_mode(self) -> Mode:
         mode = _FALLBACK_MODE[self.policy]

@@ -2,13 +2,16 @@
 byte buckets of bandwidth shaping. The clock is injected (tests drive it; no sleeps).
 
 Memory stays bounded whatever tenants do: a bucket whose TAT has passed is full, the same as no
-bucket, so such entries are dropped as the table grows; past ``max_buckets`` live entries the
-oldest are dropped too, which can only refill a bucket early (a bounded over-admission, and
-only when a table that large is being churned).
+bucket, so it has no entry; at ``max_buckets`` entries the least recently used tenth is dropped
+(the table is kept in use order), which can only refill a bucket early: a bounded
+over-admission, for buckets idle longest, and only while a table that large is being churned
+(by many destinations, say). Dropping a tenth at a time keeps each pause short (about a
+millisecond for 10,000 entries) and the cost per take constant on average.
 """
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable
 
@@ -80,26 +83,27 @@ class MemoryBuckets:
         if taken.granted:
             self._remember(key, taken.tat, now)
             return LimitResult(True)
+        tats = self._tats
+        tat = tats.pop(key, None)
+        if tat is not None:
+            tats[key] = tat  # denied, but in use: last in the order of use
         wait = float("inf") if taken.wait < 0 else taken.wait / self._units
         return LimitResult(False, wait)
 
     def _remember(self, key: str, tat: int, now: int) -> None:
         tats = self._tats
-        if tat <= now:
-            tats.pop(key, None)  # a full bucket needs no entry
-            return
-        if key not in tats and len(tats) >= self.max_buckets:
-            self._prune(now)
-        tats[key] = tat
+        if tats.pop(key, None) is None and len(tats) >= self.max_buckets:
+            self._drop_least_recent()
+        if tat > now:  # a full bucket needs no entry
+            tats[key] = tat  # (re)inserted last: the dict is in order of use
 
-    def _prune(self, now: int) -> None:
+    def _drop_least_recent(self) -> None:
         tats = self._tats
-        for key in [key for key, tat in tats.items() if tat <= now]:
+        for key in list(itertools.islice(tats, max(1, self.max_buckets // 10))):
             del tats[key]
-        excess = len(tats) - self.max_buckets // 2
-        if excess > 0:  # still too many live buckets: drop the oldest (insertion order)
-            for key in list(tats)[:excess]:
-                del tats[key]
+
+    async def ping(self) -> None:
+        return None  # always here
 
     async def aclose(self) -> None:
         return None

@@ -41,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import hashlib
+import itertools
 import logging
 import re
 import time
@@ -94,6 +95,7 @@ _SHA_BYTES: Final = GCRA_SHA.encode()
 _APP_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 _PREFIX = re.compile(r"[^{}\s]{1,64}")
 _ERROR_TEXT_MAX = 300
+_INCIDENTS: Final = itertools.count(1)  # numbers failed round trips (LimiterUnavailable.incident)
 
 Client: TypeAlias = "redis.asyncio.Redis | redis.asyncio.RedisCluster"
 Observe: TypeAlias = Callable[[float, str | None], None]
@@ -201,6 +203,34 @@ class RedisBuckets:
             if future.done() and not future.cancelled():
                 future.exception()  # settled as we were cancelled: nobody else will look
             raise
+
+    async def ping(self) -> None:
+        """Is Redis there? (the limiter asks every second, so an outage shows without traffic).
+        Raises :class:`LimiterUnavailable` like a check."""
+        started = time.perf_counter()
+        kind: str | None = None
+        try:
+            async with asyncio.timeout(self.timeout):
+                await self._client.ping()
+        except TimeoutError:
+            kind = "timeout"
+            raise LimiterUnavailable(
+                f"rate-limit buckets: Redis {self.where} did not answer a PING within the "
+                f"{self._deadline_ms()} deadline",
+                kind=kind,
+            ) from None
+        except (
+            redis.exceptions.RedisError,
+            redis.exceptions.RedisClusterException,
+            OSError,
+            RuntimeError,
+        ) as error:
+            if isinstance(error, RuntimeError) and not closed_transport(error):
+                raise
+            kind = _kind_of(error)
+            raise LimiterUnavailable(self._error_message(error, kind), kind=kind) from None
+        finally:
+            self._report(started, kind)
 
     async def aclose(self) -> None:
         """Fail queued checks (``LimiterUnavailable``), stop the batching tasks, close the
@@ -372,9 +402,13 @@ class RedisBuckets:
             waiter.future.set_result(ALLOWED if index < granted else denied)
 
     def _fail(self, waiters: Sequence[_Waiter], message: str, kind: str) -> None:
+        """Fail ``waiters`` with one incident number: one failure for the breaker."""
+        incident = next(_INCIDENTS)
         for waiter in waiters:
             if not waiter.future.done():
-                waiter.future.set_exception(LimiterUnavailable(message, kind=kind))
+                waiter.future.set_exception(
+                    LimiterUnavailable(message, kind=kind, incident=incident)
+                )
 
     def _report(self, started: float, kind: str | None) -> None:
         if self._observe is not None:
@@ -389,6 +423,8 @@ class RedisBuckets:
 
     def _error_message(self, error: BaseException, kind: str) -> str:
         text = str(error).rstrip(".")[:_ERROR_TEXT_MAX] or type(error).__name__
+        if isinstance(error, RuntimeError):  # uvloop's words for it name a transport object
+            text = "the connection was reset by Redis"
         if kind == "connection":
             return (
                 f"rate-limit buckets: cannot reach Redis {self.where}: {text}; is it running and "

@@ -244,3 +244,60 @@ def test_tunnels_across_nodes_deny_while_down() -> None:
     assert not result.allowed and result.unavailable
     asyncio.run(limiter.set_tunnels("blog", 0))  # a failed write is left for the next one
     assert tunnels.written == []
+
+
+def test_a_cancelled_probe_does_not_hold_the_circuit_half_open() -> None:
+    """The probe's caller may be cancelled (a revoke cancels the connection's task): the
+    circuit must be tried again soon, not stay half-open with every check on the fallback."""
+    limiter, shared, clock, _ = limiter_for(FailurePolicy.DENY)
+    shared.down = True
+    for _ in range(3):
+        take(limiter)
+    clock.seconds = 0.5  # the breaker lets a probe go now
+    shared.down = False
+
+    async def cancelled_probe() -> None:
+        started = asyncio.Event()
+        original = shared.take
+
+        async def hang(key: str, rate: Rate, cost: int = 1) -> LimitResult:
+            started.set()
+            await asyncio.sleep(10)
+            return await original(key, rate, cost)
+
+        shared.take = hang  # type: ignore[method-assign]
+        task = asyncio.create_task(limiter.take("blog/conn", TEN_A_SECOND))
+        await started.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        shared.take = original  # type: ignore[method-assign]
+
+    asyncio.run(cancelled_probe())
+    clock.seconds = 1.0  # open again for the shortest time, then probed anew
+    assert take(limiter).allowed and limiter.mode is Mode.REDIS
+
+
+def test_a_lost_probe_times_out() -> None:
+    clock = Clock()
+    breaker = CircuitBreaker(failures_to_open=1, open_for=0.5, probe_timeout=1.0, clock=clock)
+    breaker.failed()
+    clock.seconds = 0.5
+    assert breaker.allow()  # a probe that never reports back
+    assert not breaker.allow()
+    clock.seconds = 1.5
+    assert breaker.allow()  # another one
+
+
+def test_one_failed_round_trip_is_one_failure_however_many_checks_it_carried() -> None:
+    limiter, shared, _, modes = limiter_for(FailurePolicy.DENY)
+    failure = LimiterUnavailable("reset by peer", kind="connection", incident=7)
+
+    async def fail(key: str, rate: Rate, cost: int = 1) -> LimitResult:
+        raise failure
+
+    shared.take = fail  # type: ignore[method-assign]
+    for _ in range(5):
+        take(limiter)  # five checks of one batch: the breaker counts one
+    assert str(limiter._breaker.state) == "closed"
+    assert modes == [Mode.DENY]
