@@ -31,11 +31,12 @@ from egress.metrics import UNKNOWN_APP
 from egress.net.dialer import DialError, Dialled, hostport
 from egress.net.relay import StreamFilter, Tunnel, TunnelShaper
 from egress.outcomes import OUTCOMES, SOCKS5_SUCCEEDED, Outcome
-from egress.policy import Verdict, combine, decide_again, evaluate
+from egress.policy import Refusal, Verdict, combine, decide_again, evaluate
 from egress.proto import http_proxy, socks5
 from rules.addresses import HostSyntaxError, canonical_host
 from rules.decide import AppPolicy
 from rules.snapshot import PolicySnapshot
+from rules.special import effective_address
 
 __all__ = ["ClientConnection", "HttpConnection", "ListenerKind", "Socks5Connection"]
 
@@ -282,9 +283,20 @@ class ClientConnection(asyncio.Protocol):
         if limits is not None:
             assert limiter is not None and self.app_name is not None
             self.limits = limits
-            refusal = await limiter.admit(
-                self, ctx.registry, self.app_name, limits, f"{host}:{port}"
-            )
+            # One destination, one bucket: an address however it was spelled (::ffff:a.b.c.d
+            # is a.b.c.d), as the rules judged it.
+            where = host if isinstance(host, str) else effective_address(host)
+            try:  # the limits share the connect deadline: no client waits on them past it
+                async with asyncio.timeout_at(deadline):
+                    refusal = await limiter.admit(
+                        self, ctx.registry, self.app_name, limits, f"{where}:{port}"
+                    )
+            except TimeoutError:
+                refusal = Refusal(
+                    Outcome.LIMITER_UNAVAILABLE,
+                    "no answer from the rate limiter within proxy.connect_timeout",
+                    1.0,
+                )
             if refusal is not None:
                 verdict = self.verdict = combine(verdict, refusal)
         if not verdict.allowed:

@@ -906,7 +906,27 @@ def test_a_destination_limit_counts_each_destination_alone(flavour: Flavour) -> 
         flavour.request(again, "api.example.com", 443)
         [record] = await h.log.wait_for(1)
         assert record["reason"] == "rate_limited"
-        assert "connections to this destination" in record["error"]
+        assert "over 1 connection to this destination per second" in record["error"]
+
+    run(main())
+
+
+@FLAVOURS
+def test_a_destination_spelled_another_way_is_the_same_destination(flavour: Flavour) -> None:
+    """::ffff:93.184.216.34 is 93.184.216.34 to the rules, so it is to the destination limit."""
+
+    async def main() -> None:
+        rules = limited_rules({"destination_connections_per_second": 1, "destination_burst": 1})
+        rules["app"][0]["allow"].append("93.184.216.34:443")
+        h = Harness(snapshot=make_snapshot(data=rules))
+        _, first = h.accept(flavour.factory)
+        flavour.request(first, "93.184.216.34", 443)
+        await h.dialer.next_attempt(0)
+        _, again = h.accept(flavour.factory)
+        spelled = "::ffff:93.184.216.34" if flavour is SOCKS5 else "[::ffff:93.184.216.34]"
+        flavour.request(again, spelled, 443)
+        [record] = await h.log.wait_for(1)
+        assert record["reason"] == "rate_limited"
 
     run(main())
 
