@@ -470,15 +470,28 @@ def _username(raw: Any) -> str:
 
 
 _MODE: Final = choice(Mode)
-_POSITIVE: Final = integer(1)
+
+
+def _connection_rate(raw: Any) -> float:
+    """A rate the buckets can hold exactly: from one a quarter-hour to a million a second
+    (the Redis script keeps times in microseconds as doubles, exact below 2**53)."""
+    expected = "a number of connections per second from 0.001 to 1000000"
+    rate = positive_number(expected)(raw)
+    if not 0.001 <= rate <= 1_000_000:
+        raise RejectedError(expected)
+    return rate
+
+
+_COUNT: Final = integer(1, 1_000_000)
+_BYTES: Final = integer(1, 10**12)
 _LIMIT_FIELDS: Final = {
-    "connections_per_second": positive_number("a number > 0"),
-    "burst": _POSITIVE,
-    "max_concurrent": _POSITIVE,
-    "bandwidth_bytes_per_second": _POSITIVE,
-    "bandwidth_burst_bytes": _POSITIVE,
-    "destination_connections_per_second": positive_number("a number > 0"),
-    "destination_burst": _POSITIVE,
+    "connections_per_second": _connection_rate,
+    "burst": _COUNT,
+    "max_concurrent": _COUNT,
+    "bandwidth_bytes_per_second": _BYTES,
+    "bandwidth_burst_bytes": _BYTES,
+    "destination_connections_per_second": _connection_rate,
+    "destination_burst": _COUNT,
 }
 
 

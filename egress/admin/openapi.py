@@ -47,13 +47,17 @@ def _object(
 
 
 _LIMITS: Final = {
-    "connections_per_second": {"type": "number", "exclusiveMinimum": 0},
-    "burst": {"type": "integer", "minimum": 1},
-    "max_concurrent": {"type": "integer", "minimum": 1},
-    "bandwidth_bytes_per_second": {"type": "integer", "minimum": 1},
-    "bandwidth_burst_bytes": {"type": "integer", "minimum": 1},
-    "destination_connections_per_second": {"type": "number", "exclusiveMinimum": 0},
-    "destination_burst": {"type": "integer", "minimum": 1},
+    "connections_per_second": {"type": "number", "minimum": 0.001, "maximum": 1_000_000},
+    "burst": {"type": "integer", "minimum": 1, "maximum": 1_000_000},
+    "max_concurrent": {"type": "integer", "minimum": 1, "maximum": 1_000_000},
+    "bandwidth_bytes_per_second": {"type": "integer", "minimum": 1, "maximum": 10**12},
+    "bandwidth_burst_bytes": {"type": "integer", "minimum": 1, "maximum": 10**12},
+    "destination_connections_per_second": {
+        "type": "number",
+        "minimum": 0.001,
+        "maximum": 1_000_000,
+    },
+    "destination_burst": {"type": "integer", "minimum": 1, "maximum": 1_000_000},
 }
 _UIDS: Final = {
     "type": "array",

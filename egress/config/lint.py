@@ -39,7 +39,7 @@ def warnings_for(config: Config) -> list[str]:
                     " firewall does not confine it: its traffic can bypass the proxy"
                 )
         if app.limits is not None:
-            found += _idle_limit_keys(f"{where}.limits", app.limits)
+            found += _idle_limit_keys(f"{where}.limits", app.limits, config.ratelimit.defaults)
     if config.rules.store is RuleStore.REDIS and (
         config.rules.version or config.rules.revoke_version
     ):
@@ -53,7 +53,11 @@ def warnings_for(config: Config) -> list[str]:
         )
     ratelimit = config.ratelimit
     if ratelimit.defaults is not None:
-        found += _idle_limit_keys("ratelimit.defaults", ratelimit.defaults)
+        found += [
+            text
+            for text in _idle_limit_keys("ratelimit.defaults", ratelimit.defaults, None)
+            if not _some_app_sets(config, text.rsplit(" ", 1)[1])
+        ]
     fallback_set = ratelimit.on_redis_error is not RedisErrorPolicy.LOCAL or (
         ratelimit.local_share != 1
     )
@@ -73,9 +77,21 @@ _BURST_OF: Final = {
 }
 
 
-def _idle_limit_keys(where: str, limits: Limits) -> list[str]:
+def _some_app_sets(config: Config, key: str) -> bool:
+    return any(
+        app.limits is not None and getattr(app.limits, key) is not None for app in config.apps
+    )
+
+
+def _idle_limit_keys(where: str, limits: Limits, defaults: Limits | None) -> list[str]:
+    """Bursts with no rate, in the app's own limits or in ``[ratelimit.defaults]``."""
+
+    def rate_of(key: str) -> object:
+        own = getattr(limits, key)
+        return own if own is not None or defaults is None else getattr(defaults, key)
+
     return [
         f"{where}.{burst}: has no effect without {rate}"
         for burst, rate in _BURST_OF.items()
-        if getattr(limits, burst) is not None and getattr(limits, rate) is None
+        if getattr(limits, burst) is not None and rate_of(rate) is None
     ]

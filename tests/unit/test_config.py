@@ -153,7 +153,7 @@ CASES = [
         '[[app]]\nname = "a"\nuids = [10001]\nlimits = { burst = 0 }',
         "app[0].limits.burst",
         "0",
-        "integer >= 1",
+        "integer from 1 to 1000000",
     ),
     (
         '[[app]]\nname = "a"\nuids = [10001]\nproxy_auth = { username = "a" }',
@@ -627,7 +627,12 @@ def test_check_config_warns_about_what_the_store_ignores(tmp_path: Path) -> None
         ("[ratelimit]\ntunnel_ttl = 0.5\n", "ratelimit.tunnel_ttl", "1 to 300"),
         ("[ratelimit]\nredis_prefix = 'a{b}'\n", "ratelimit.redis_prefix", "characters"),
         ('[ratelimit]\nconcurrency = "global"\n', "ratelimit.concurrency", 'backend = "redis"'),
-        ("[ratelimit.defaults]\nburst = 0\n", "ratelimit.defaults.burst", ">= 1"),
+        ("[ratelimit.defaults]\nburst = 0\n", "ratelimit.defaults.burst", "1 to 1000000"),
+        (
+            "[ratelimit.defaults]\nconnections_per_second = 1e-320\n",
+            "ratelimit.defaults.connections_per_second",
+            "0.001 to 1000000",
+        ),
         ("[ratelimit.defaults]\nbrust = 5\n", "ratelimit.defaults", "brust"),
     ],
 )
@@ -660,3 +665,23 @@ def test_ratelimit_settings_are_read() -> None:
     assert (rl.local_share, rl.redis_timeout, rl.tunnel_ttl) == (0.25, 0.02, 5.0)
     assert rl.defaults == Limits(connections_per_second=50, max_concurrent=10)
     assert "deny" in summarize(config) and "all nodes" in summarize(config)
+
+
+def test_a_burst_is_idle_only_when_no_rate_applies_not_even_a_default() -> None:
+    from egress.config.lint import warnings_for
+
+    app = {"name": "blog", "uids": ["10001"], "allow": ["a.example.com:443"]}
+    base = {"proxy": {"socks5_listen": ["127.0.0.1:1080"]}}
+    with_defaults = parse_config(
+        {
+            **base,
+            "ratelimit": {"defaults": {"connections_per_second": 5}},
+            "app": [{**app, "limits": {"burst": 50, "destination_burst": 3}}],
+        },
+        source="test",
+    )
+    assert [w.split(": ", 1)[1] for w in warnings_for(with_defaults)] == [
+        "has no effect without destination_connections_per_second"
+    ]
+    alone = parse_config({**base, "app": [{**app, "limits": {"burst": 50}}]}, source="test")
+    assert any("limits.burst: has no effect" in w for w in warnings_for(alone))
