@@ -342,15 +342,18 @@ def build_connection_limits(
     shared = tunnels = None
     if config.backend is RatelimitBackend.REDIS:
         from egress.redisclient import make_client  # noqa: PLC0415  (redis only when used)
+        from ratelimit.lease import LeasedBuckets  # noqa: PLC0415
         from ratelimit.redis import RedisBuckets  # noqa: PLC0415
         from ratelimit.tunnels import RedisTunnelCounts  # noqa: PLC0415
 
         client = make_client(redis_url, timeout=config.redis_timeout, retries=1)
-        shared = RedisBuckets(
-            client,
-            prefix=config.redis_prefix,
-            timeout=config.redis_timeout,
-            observe=metrics.ratelimit_redis_call,
+        shared = LeasedBuckets(
+            RedisBuckets(
+                client,
+                prefix=config.redis_prefix,
+                timeout=config.redis_timeout,
+                observe=metrics.ratelimit_redis_call,
+            )
         )
         if config.concurrency is Concurrency.GLOBAL:
             tunnels = RedisTunnelCounts(

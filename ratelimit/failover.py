@@ -16,9 +16,9 @@ force. :attr:`Limiter.mode` is what is in force now, for metrics and ``/readyz``
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from enum import StrEnum
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, TypeVar
 
 from ratelimit.base import Buckets, LimiterUnavailable, LimitResult
 from ratelimit.breaker import CircuitBreaker
@@ -52,6 +52,7 @@ _FALLBACK_MODE: Final = {
     FailurePolicy.DENY: Mode.DENY,
     FailurePolicy.ALLOW: Mode.ALLOW,
 }
+T = TypeVar("T")
 _ALLOWED: Final = LimitResult(True)
 _NO_SLOT: Final = LimitResult(False)
 
@@ -107,21 +108,8 @@ class Limiter:
         shared = self._shared
         if shared is None:
             return self._local.take_now(key, rate, cost)
-        breaker = self._breaker
-        if breaker.allow():
-            try:
-                result = await shared.take(key, rate, cost)
-            except LimiterUnavailable as error:
-                self._failed(error)
-                return self._fallback(key, rate, cost)
-            except BaseException:  # cancelled (or a bug): no answer either way
-                breaker.abandoned()
-                raise
-            breaker.succeeded()
-            if self.mode is not Mode.REDIS:
-                self._set_mode(Mode.REDIS)
-            return result
-        return self._fallback(key, rate, cost)
+        result = await self._ask(lambda: shared.take(key, rate, cost))
+        return result if result is not None else self._fallback(key, rate, cost)
 
     @property
     def counts_tunnels(self) -> bool:
@@ -138,64 +126,38 @@ class Limiter:
         the policy applies: ``local`` caps this node at ``local_share`` of ``cap``."""
         tunnels = self._tunnels
         assert tunnels is not None
-        breaker = self._breaker
-        if breaker.allow():
-            try:
-                admitted, total = await tunnels.admit(app, mine, cap)
-            except LimiterUnavailable as error:
-                self._failed(error)
-            except BaseException:
-                breaker.abandoned()
-                raise
-            else:
-                breaker.succeeded()
-                if self.mode is not Mode.REDIS:
-                    self._set_mode(Mode.REDIS)
-                return (_ALLOWED if admitted else _NO_SLOT), total
+        answer = await self._ask(lambda: tunnels.admit(app, mine, cap))
+        if answer is not None:
+            admitted, total = answer
+            return (_ALLOWED if admitted else _NO_SLOT), total
         mode = self._fallback_mode()
         if mode is Mode.LOCAL:
             local_cap = max(1, math.floor(cap * self.local_share))
             return (_ALLOWED if mine <= local_cap else _NO_SLOT), mine
         if mode is Mode.ALLOW:
             return _ALLOWED, mine
-        return LimitResult(False, max(1.0, breaker.retry_in()), unavailable=True), mine
+        return LimitResult(False, max(1.0, self._breaker.retry_in()), unavailable=True), mine
 
     async def set_tunnels(self, app: str, mine: int) -> None:
         """Write this node's tunnel count for ``app`` (after a close, and as a refresh); a
         failure is left to the next write to repair."""
         tunnels = self._tunnels
-        if tunnels is None or not self._breaker.allow():
-            return
-        try:
-            await tunnels.set(app, mine)
-        except LimiterUnavailable as error:
-            self._failed(error)
-        except BaseException:
-            self._breaker.abandoned()
-            raise
-        else:
-            self._breaker.succeeded()
-            if self.mode is not Mode.REDIS:
-                self._set_mode(Mode.REDIS)
+        if tunnels is not None:
+            await self._ask(lambda: tunnels.set(app, mine))
 
     async def probe(self) -> None:
         """Ask the shared backend whether it is there, as a check would (the breaker decides
         whether to ask now): an outage shows, and a recovery is found, without traffic."""
         shared = self._shared
-        if shared is None or not self._breaker.allow():
+        if shared is None:
             return
-        try:
+
+        async def ping() -> bool:
             await shared.ping()
-        except LimiterUnavailable as error:
-            self._failed(error)
+            return True
+
+        if await self._ask(ping) is None:
             self._fallback_mode()
-        except BaseException:
-            self._breaker.abandoned()
-            raise
-        else:
-            self._breaker.succeeded()
-            if self.mode is not Mode.REDIS:
-                self._set_mode(Mode.REDIS)
 
     def set_policy(self, policy: FailurePolicy) -> None:
         """A reload changed ``on_redis_error``: while Redis is away the new one is in force
@@ -203,6 +165,26 @@ class Limiter:
         self.policy = policy
         if self.mode not in (Mode.MEMORY, Mode.REDIS):
             self._fallback_mode()
+
+    async def _ask(self, call: Callable[[], Awaitable[T]]) -> T | None:
+        """``call()``'s answer from the shared backend, or ``None`` when there is none: the
+        breaker says not to ask now, or the call failed (counted). A call that ends without
+        an answer either way (cancelled) gives the breaker's probe back."""
+        breaker = self._breaker
+        if not breaker.allow():
+            return None
+        try:
+            answer = await call()
+        except LimiterUnavailable as error:
+            self._failed(error)
+            return None
+        except BaseException:
+            breaker.abandoned()
+            raise
+        breaker.succeeded()
+        if self.mode is not Mode.REDIS:
+            self._set_mode(Mode.REDIS)
+        return answer
 
     def _failed(self, error: LimiterUnavailable) -> None:
         """Count a failure once per failed round trip: every check that shared one carries the

@@ -40,12 +40,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import hashlib
 import itertools
 import logging
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, TypeAlias
 
@@ -134,8 +135,9 @@ def describe_client(client: Client) -> str:
 @dataclass(slots=True)
 class _Waiter:
     call: _CallKey
-    future: asyncio.Future[LimitResult]
+    future: asyncio.Future[tuple[int, float]]  # (units granted, seconds until the next)
     queued_at: float  # loop time
+    units: int = 1  # > 1: a lease, taking up to this many
 
 
 class RedisBuckets:
@@ -183,6 +185,15 @@ class RedisBuckets:
     async def take(self, key: str, rate: Rate, cost: int = 1) -> LimitResult:
         if cost < 1:
             raise ValueError(f"a take costs at least 1 token, not {cost!r}")
+        granted, wait = await self._queued(key, rate, cost, 1)
+        return ALLOWED if granted else LimitResult(False, wait)
+
+    async def take_up_to(self, key: str, rate: Rate, count: int) -> tuple[int, float]:
+        """Take as many of ``count`` single tokens as fit now: (granted, seconds until the
+        first one not granted could be had; 0 when all were)."""
+        return await self._queued(key, rate, 1, count)
+
+    async def _queued(self, key: str, rate: Rate, cost: int, units: int) -> tuple[int, float]:
         if self._closed:
             raise LimiterUnavailable(self._closing_message(), kind="error")
         call = (
@@ -192,8 +203,8 @@ class RedisBuckets:
             cost,
         )
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[LimitResult] = loop.create_future()
-        self._queue.append(_Waiter(call, future, loop.time()))
+        future: asyncio.Future[tuple[int, float]] = loop.create_future()
+        self._queue.append(_Waiter(call, future, loop.time(), units))
         if not self._workers:
             self._start_workers()
         self._wakeup.set()
@@ -207,30 +218,8 @@ class RedisBuckets:
     async def ping(self) -> None:
         """Is Redis there? (the limiter asks every second, so an outage shows without traffic).
         Raises :class:`LimiterUnavailable` like a check."""
-        started = time.perf_counter()
-        kind: str | None = None
-        try:
-            async with asyncio.timeout(self.timeout):
-                await self._client.ping()
-        except TimeoutError:
-            kind = "timeout"
-            raise LimiterUnavailable(
-                f"rate-limit buckets: Redis {self.where} did not answer a PING within the "
-                f"{self._deadline_ms()} deadline",
-                kind=kind,
-            ) from None
-        except (
-            redis.exceptions.RedisError,
-            redis.exceptions.RedisClusterException,
-            OSError,
-            RuntimeError,
-        ) as error:
-            if isinstance(error, RuntimeError) and not closed_transport(error):
-                raise
-            kind = _kind_of(error)
-            raise LimiterUnavailable(self._error_message(error, kind), kind=kind) from None
-        finally:
-            self._report(started, kind)
+        async with one_call(f"rate-limit buckets: Redis {self.where}", self.timeout, self._observe):
+            await self._client.ping()
 
     async def aclose(self) -> None:
         """Fail queued checks (``LimiterUnavailable``), stop the batching tasks, close the
@@ -357,7 +346,7 @@ class RedisBuckets:
         pipe = self._client.pipeline(transaction=False)
         command, script = ("EVAL", _LUA_BYTES) if load else ("EVALSHA", _SHA_BYTES)
         for (key, interval, capacity, cost), waiters in calls:
-            count = sum(1 for waiter in waiters if not waiter.future.done())
+            count = sum(waiter.units for waiter in waiters if not waiter.future.done())
             # execute_command, not evalsha(): a Cluster pipeline refuses evalsha() but routes
             # EVAL/EVALSHA by their key like any keyed command. Arguments go as bytes, which
             # redis-py packs faster; the command name stays a str, which Cluster routing reads.
@@ -396,10 +385,14 @@ class RedisBuckets:
                 "error",
             )
             return
-        denied = LimitResult(False, float("inf") if wait < 0 else wait / MICROSECONDS)
-        live = [w for w in waiters if not w.future.done()]  # callers cancelled meanwhile
-        for index, waiter in enumerate(live):
-            waiter.future.set_result(ALLOWED if index < granted else denied)
+        wait_s = float("inf") if wait < 0 else wait / MICROSECONDS
+        left = granted
+        for waiter in waiters:
+            if waiter.future.done():  # a caller cancelled meanwhile
+                continue
+            got = min(waiter.units, left)
+            left -= got
+            waiter.future.set_result((got, 0.0 if got == waiter.units else wait_s))
 
     def _fail(self, waiters: Sequence[_Waiter], message: str, kind: str) -> None:
         """Fail ``waiters`` with one incident number: one failure for the breaker."""
@@ -450,6 +443,39 @@ async def _counted(pipe: Any, calls: Sequence[object]) -> list[Any]:
 
 def _waiters(calls: Sequence[tuple[_CallKey, list[_Waiter]]]) -> list[_Waiter]:
     return [waiter for _, waiters in calls for waiter in waiters]
+
+
+@contextlib.asynccontextmanager
+async def one_call(what: str, timeout: float, observe: Observe | None) -> AsyncIterator[None]:
+    """One Redis call outside the batches (a PING, a tunnel count): bounded by ``timeout``,
+    reported to ``observe``, and every failure a :class:`LimiterUnavailable` that says
+    ``what`` failed (e.g. "tunnel counts: Redis 10.0.0.5:6379") and how."""
+    started = time.perf_counter()
+    kind: str | None = None
+    try:
+        async with asyncio.timeout(timeout):
+            yield
+    except TimeoutError:
+        kind = "timeout"
+        raise LimiterUnavailable(
+            f"{what} did not answer within {timeout * 1000:g} ms", kind=kind
+        ) from None
+    except (
+        redis.exceptions.RedisError,
+        redis.exceptions.RedisClusterException,
+        OSError,
+        RuntimeError,
+    ) as error:
+        if isinstance(error, RuntimeError) and not closed_transport(error):
+            raise  # a bug, not Redis
+        kind = _kind_of(error)
+        text = str(error).rstrip(".")[:_ERROR_TEXT_MAX] or type(error).__name__
+        if isinstance(error, RuntimeError):
+            text = "the connection was reset by Redis"
+        raise LimiterUnavailable(f"{what}: {text}", kind=kind) from None
+    finally:
+        if observe is not None:
+            observe(time.perf_counter() - started, kind)
 
 
 def closed_transport(error: RuntimeError) -> bool:

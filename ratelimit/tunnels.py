@@ -18,16 +18,13 @@ buckets; failures are :class:`ratelimit.base.LimiterUnavailable`, for the same f
 
 from __future__ import annotations
 
-import asyncio
-import time
 from collections.abc import Callable
 from typing import Any, Final, TypeAlias
 
 import redis.asyncio
 import redis.exceptions
 
-from ratelimit.base import LimiterUnavailable
-from ratelimit.redis import closed_transport, describe_client, redis_key
+from ratelimit.redis import describe_client, one_call, redis_key
 
 __all__ = ["ADMIT_LUA", "SET_LUA", "RedisTunnelCounts"]
 
@@ -121,37 +118,9 @@ class RedisTunnelCounts:
         args = [self.node, mine, round(self.ttl * 1_000_000)]
         if cap is not None:
             args.append(cap)
-        started = time.perf_counter()
-        kind: str | None = None
-        try:
-            async with asyncio.timeout(self.timeout):
-                return await script(keys=[self.key(app)], args=args)
-        except TimeoutError:
-            kind = "timeout"
-            raise LimiterUnavailable(
-                f"tunnel counts: Redis {self.where} did not answer within"
-                f" {self.timeout * 1000:g} ms",
-                kind=kind,
-            ) from None
-        except (
-            redis.exceptions.RedisError,
-            redis.exceptions.RedisClusterException,
-            OSError,
-            RuntimeError,
-        ) as error:
-            if isinstance(error, RuntimeError) and not closed_transport(error):
-                raise  # a bug, not Redis
-            connection = isinstance(
-                error, redis.exceptions.ConnectionError | OSError | RuntimeError
-            )
-            kind = "connection" if connection else "error"
-            raise LimiterUnavailable(
-                f"tunnel counts: Redis {self.where}: {str(error)[:300] or type(error).__name__}",
-                kind=kind,
-            ) from None
-        finally:
-            if self._observe is not None:
-                self._observe(time.perf_counter() - started, kind)
+        async with one_call(f"tunnel counts: Redis {self.where}", self.timeout, self._observe):
+            reply = await script(keys=[self.key(app)], args=args)
+        return reply
 
     async def aclose(self) -> None:
         return None  # the client belongs to the buckets, which close it

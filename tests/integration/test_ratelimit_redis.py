@@ -636,7 +636,10 @@ async def fault_and_heal(
         assert sample(text, "egress_ratelimit_fallback_active") == 0
         status, body = await asyncio.to_thread(a.readyz)
         assert (status, body) == (200, "ready\nratelimit: redis\n")
-        with server.client() as client:  # full again (the fault's late calls may have drawn on it)
+        # Full again: the fault's late calls (held in the relay, then delivered) may have drawn
+        # on the bucket; let them land, then start it afresh.
+        await asyncio.sleep(2 * DELAY_MS / 1000 + 0.3)
+        with server.client() as client:
             client.delete(bucket_key("blog"))
         attempts = await burst(nodes, APP_UID, destination, OFFER)
         assert sum(a.admitted for a in attempts) == FAULT_BURST, attempts
