@@ -221,6 +221,7 @@ class ConnectionLimits:
             await asyncio.sleep(PROBE_INTERVAL_S)
 
     async def aclose(self) -> None:
+        self.limiter.on_mode = None  # a cycle through self, frozen at start: break it
         if self.across_nodes is not None:
             await self.across_nodes.aclose()
         await self.limiter.aclose()
@@ -321,6 +322,7 @@ class TunnelsAcrossNodes:
                     await self._limiter.set_tunnels(app, count)
 
     async def aclose(self) -> None:
+        self._registry.on_slot_released = None  # (a cycle, as above)
         tasks = [*self._tasks, *([self._refresher] if self._refresher else [])]
         for task in tasks:
             task.cancel()
