@@ -20,6 +20,11 @@ and after a quiet spell the size starts again from one. So the tokens dropped at
 lease are about what demand fell by meanwhile. The size never exceeds ``max_lease``,
 ``rate * lease_seconds`` or half the burst: a slow or small bucket (size 1) goes to Redis for
 every check, exactly as without leases.
+
+**Refusals are remembered.** When Redis answers that a bucket has no token for ``wait``
+seconds, checks of that bucket on this node are refused here until then, with the remaining
+wait: the bucket's TAT is past that moment for every node, so the answer is the one Redis would
+give, and an app hammering over its limit costs no round trip per refused connection.
 """
 
 from __future__ import annotations
@@ -66,6 +71,7 @@ class LeasedBuckets:
         self._clock = clock
         self._leases: dict[str, _Lease] = {}
         self._refills: dict[str, asyncio.Future[tuple[int, float]]] = {}
+        self._empty: dict[str, tuple[Rate, float]] = {}  # key -> (rate, no token before)
 
     def largest(self, rate: Rate) -> int:
         """The largest lease of a bucket with ``rate``."""
@@ -89,9 +95,13 @@ class LeasedBuckets:
         return True
 
     async def take(self, key: str, rate: Rate, cost: int = 1) -> LimitResult:
+        now = self._clock()
+        empty = self._empty.get(key)
+        if empty is not None and empty[0] == rate and empty[1] > now:
+            return LimitResult(False, empty[1] - now)  # Redis said so; nobody gets one sooner
         if cost != 1 or self.largest(rate) <= 1:
-            return await self._shared.take(key, rate, cost)
-        if self._from_lease(key, rate, self._clock()):
+            return self._note(key, rate, await self._shared.take(key, rate, cost))
+        if self._from_lease(key, rate, now):
             return ALLOWED
         refill = self._refills.get(key)
         if refill is None:  # this check asks for the next lease, and takes its first token
@@ -99,7 +109,7 @@ class LeasedBuckets:
             refill.add_done_callback(_retrieved)
             self._refills[key] = refill
             granted, wait = await asyncio.shield(refill)  # cancelling us keeps it
-            return ALLOWED if granted else LimitResult(False, wait)
+            return ALLOWED if granted else self._note(key, rate, LimitResult(False, wait))
         await asyncio.wait([refill])  # a waiter's cancellation must not cancel the refill
         if refill.exception() is None:
             granted, wait = refill.result()
@@ -107,7 +117,18 @@ class LeasedBuckets:
                 return LimitResult(False, wait)  # the bucket was empty a moment ago
             if self._from_lease(key, rate, self._clock()):
                 return ALLOWED
-        return await self._shared.take(key, rate)  # the lease ran out (or failed): ask alone
+        # the lease ran out (or failed): ask alone
+        return self._note(key, rate, await self._shared.take(key, rate))
+
+    def _note(self, key: str, rate: Rate, result: LimitResult) -> LimitResult:
+        """Remember a refusal until the bucket's next token: until then the answer is the same
+        for every node (the TAT is past it), so it is given here without asking Redis."""
+        wait = result.retry_after_seconds
+        if not result.allowed and 0 < wait < float("inf"):
+            if len(self._empty) >= self.max_leases and key not in self._empty:
+                self._empty.clear()
+            self._empty[key] = (rate, self._clock() + wait)
+        return result
 
     async def _refill(self, key: str, rate: Rate) -> tuple[int, float]:
         try:

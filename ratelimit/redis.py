@@ -96,6 +96,14 @@ _SHA_BYTES: Final = GCRA_SHA.encode()
 _APP_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 _PREFIX = re.compile(r"[^{}\s]{1,64}")
 _ERROR_TEXT_MAX = 300
+# What a Redis call may raise when Redis (not our code) failed; RuntimeError only for uvloop's
+# closed transport (closed_transport), others are re-raised as bugs.
+_FAILURES: Final = (
+    redis.exceptions.RedisError,
+    redis.exceptions.RedisClusterException,
+    OSError,
+    RuntimeError,
+)
 _INCIDENTS: Final = itertools.count(1)  # numbers failed round trips (LimiterUnavailable.incident)
 
 Client: TypeAlias = "redis.asyncio.Redis | redis.asyncio.RedisCluster"
@@ -323,12 +331,7 @@ class RedisBuckets:
                 "timeout",
             )
             return
-        except (
-            redis.exceptions.RedisError,
-            redis.exceptions.RedisClusterException,
-            OSError,
-            RuntimeError,
-        ) as error:
+        except _FAILURES as error:
             if isinstance(error, RuntimeError) and not closed_transport(error):
                 raise  # a bug: the worker logs it and fails the batch
             kind = _kind_of(error)
@@ -460,12 +463,7 @@ async def one_call(what: str, timeout: float, observe: Observe | None) -> AsyncI
         raise LimiterUnavailable(
             f"{what} did not answer within {timeout * 1000:g} ms", kind=kind
         ) from None
-    except (
-        redis.exceptions.RedisError,
-        redis.exceptions.RedisClusterException,
-        OSError,
-        RuntimeError,
-    ) as error:
+    except _FAILURES as error:
         if isinstance(error, RuntimeError) and not closed_transport(error):
             raise  # a bug, not Redis
         kind = _kind_of(error)

@@ -120,3 +120,30 @@ def test_two_nodes_stay_within_the_documented_bounds(redis_server: RedisServer) 
         assert admitted >= 0.9 * (400 * window + 40)
 
     run(body)
+
+
+def test_a_refusal_is_remembered_until_the_next_token(redis_server: RedisServer) -> None:
+    """An app hammering an empty bucket costs no round trip per refused connection: Redis's
+    answer holds for every node until the bucket's next token."""
+
+    async def body(nodes: list[Node]) -> None:
+        now = [0.0]
+        node = Node(redis_server, clock=lambda: now[0])
+        nodes.append(node)
+        slow = Rate(0.001, 1)  # one token, the next in 1000 s
+        assert (await node.buckets.take("blog/conn", slow)).allowed
+        first = await node.buckets.take("blog/conn", slow)
+        assert not first.allowed and first.retry_after_seconds > 999
+        trips = node.round_trips
+        now[0] += 10.0
+        again = [await node.buckets.take("blog/conn", slow) for _ in range(100)]
+        assert not any(r.allowed for r in again)
+        assert node.round_trips == trips  # answered here
+        assert again[0].retry_after_seconds == first.retry_after_seconds - 10.0
+        assert (await node.buckets.take("blog/conn", Rate(0.002, 1))).allowed is False
+        assert node.round_trips == trips + 1  # another rate: asked again
+        now[0] += 1000.0  # the remembered refusal ran out: Redis is asked again
+        await node.buckets.take("blog/conn", slow)
+        assert node.round_trips == trips + 2
+
+    run(body)
