@@ -26,7 +26,7 @@ import math
 import os
 import secrets
 import socket
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 from egress.config import Concurrency, RatelimitBackend, RatelimitConfig
 from egress.metrics import ProxyMetrics
@@ -59,21 +59,9 @@ class AppLimits:
     bandwidth: Rate | None = None  # bytes; each direction on its own
 
 
-def _merged(limits: Limits | None, defaults: Limits | None) -> Limits:
-    if defaults is None:
-        return limits if limits is not None else Limits()
-    if limits is None:
-        return defaults
-    values = {}
-    for field in fields(Limits):
-        own = getattr(limits, field.name)
-        values[field.name] = own if own is not None else getattr(defaults, field.name)
-    return Limits(**values)
-
-
 def effective_limits(limits: Limits | None, defaults: Limits | None = None) -> AppLimits | None:
     """The limits to enforce for an app, or ``None`` when it has none at all."""
-    merged = _merged(limits, defaults)
+    merged = (limits or Limits()).over(defaults)
     connections = destination = bandwidth = None
     if merged.connections_per_second is not None:
         rate = merged.connections_per_second

@@ -122,6 +122,17 @@ class Limits:
             key, value, expected = problems[0]
             raise ValueError(f"{key}: got {value_repr(value)}; expected {expected}")
 
+    def over(self, defaults: Limits | None) -> Limits:
+        """These limits, with ``defaults`` for the keys they leave unset."""
+        if defaults is None:
+            return self
+        return Limits(
+            **{
+                key: value if (value := getattr(self, key)) is not None else getattr(defaults, key)
+                for key in _LIMIT_FIELDS
+            }
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class ProxyAuth:

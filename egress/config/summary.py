@@ -94,8 +94,13 @@ def summarize(config: Config) -> str:
         lines += [f"    allow {rule.text}" for rule in app.allow]
         if not app.allow:
             lines.append("    allow nothing")
-        if app.limits is not None:
-            lines.append(f"    limits: {_limits_text(app.limits)}")
+        defaults = config.ratelimit.defaults
+        if app.limits is not None or defaults is not None:
+            effective = (app.limits or Limits()).over(defaults)
+            shown = _limits_text(effective)
+            if defaults is not None and effective != app.limits:
+                shown += " (with [ratelimit.defaults])"
+            lines.append(f"    limits: {shown}")
         if app.proxy_auth is not None:
             lines.append(f"    proxy auth: user {app.proxy_auth.username!r}")
     return "\n".join(lines)

@@ -685,3 +685,28 @@ def test_a_burst_is_idle_only_when_no_rate_applies_not_even_a_default() -> None:
     ]
     alone = parse_config({**base, "app": [{**app, "limits": {"burst": 50}}]}, source="test")
     assert any("limits.burst: has no effect" in w for w in warnings_for(alone))
+
+
+def test_the_summary_shows_the_limits_in_force_with_the_defaults() -> None:
+    config = parse_config(
+        {
+            "proxy": {"socks5_listen": ["127.0.0.1:1080"]},
+            "ratelimit": {"defaults": {"connections_per_second": 50, "max_concurrent": 10}},
+            "app": [
+                {"name": "blog", "uids": ["10001"], "limits": {"max_concurrent": 3}},
+                {"name": "shop", "uids": ["10002"]},
+            ],
+        },
+        source="test",
+    )
+    lines = summarize(config).splitlines()
+    blog, shop = (
+        lines.index(f"  {name}: uids {uid}; mode enforce")
+        for name, uid in (("blog", 10001), ("shop", 10002))
+    )
+    assert (
+        lines[blog + 2] == "    limits: 50 connections/s, 3 concurrent (with [ratelimit.defaults])"
+    )
+    assert (
+        lines[shop + 2] == "    limits: 50 connections/s, 10 concurrent (with [ratelimit.defaults])"
+    )
