@@ -6,13 +6,16 @@ whose request the rules allow is then admitted in this order, cheapest first, so
 costs as little as possible:
 
 1. ``max_concurrent``: a tunnel slot of the app on this node (the registry holds it from here
-   until the connection closes, dialing included), else ``too_many_connections``;
+   until the connection closes, dialing included), and with ``concurrency = "global"`` a place
+   under the cap over every node (:class:`TunnelsAcrossNodes`); else ``too_many_connections``;
 2. ``connections_per_second`` / ``burst``: a token from the app's bucket, shared by every
-   listener (SOCKS5, HTTP, transparent) and, with ``backend = "redis"``, by every node;
+   listener (SOCKS5 on TCP and Unix, HTTP, transparent) and, with ``backend = "redis"``, by
+   every node;
 3. ``destination_connections_per_second`` / ``destination_burst``: a token from the bucket of
-   the app and the destination as asked for (host and port).
+   the app and the destination (host and port, an address in its canonical form).
 
-A refusal at step 3 has spent the step-2 token: the app did try to connect.
+A refusal at step 3 has spent the step-2 token: the app did try to connect. The connection
+bounds the whole admission by its connect deadline (``egress.net.connection``).
 
 An app without limits costs nothing here: :meth:`ConnectionLimits.for_app` returns ``None`` and
 the connection never awaits the limiter.
