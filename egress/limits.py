@@ -221,12 +221,7 @@ class ConnectionLimits:
         retry = result.retry_after_seconds
         if result.unavailable:
             self.metrics.ratelimit_decision(app, limit, "unavailable")
-            return Refusal(
-                Outcome.LIMITER_UNAVAILABLE,
-                'Redis is unreachable and ratelimit.on_redis_error = "deny";'
-                f" retry in {retry:.3g} s",
-                retry,
-            )
+            return _unavailable(retry)
         self.metrics.ratelimit_decision(app, limit, "limited")
         noun = "connection" if rate.per_second == 1 else "connections"
         what = noun if limit == "connections" else f"{noun} to this destination"
@@ -278,13 +273,7 @@ class TunnelsAcrossNodes:
             return None
         self._registry.give_back_tunnel_slot(connection)
         if result.unavailable:
-            retry = result.retry_after_seconds
-            return Refusal(
-                Outcome.LIMITER_UNAVAILABLE,
-                'Redis is unreachable and ratelimit.on_redis_error = "deny";'
-                f" retry in {retry:.3g} s",
-                retry,
-            )
+            return _unavailable(result.retry_after_seconds)
         return Refusal(
             Outcome.TOO_MANY_CONNECTIONS,
             f"{total} tunnels open across nodes; max_concurrent is {cap}",
@@ -318,6 +307,15 @@ class TunnelsAcrossNodes:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _unavailable(retry: float) -> Refusal:
+    """The refusal of on_redis_error = "deny" while Redis is away."""
+    return Refusal(
+        Outcome.LIMITER_UNAVAILABLE,
+        f'Redis is unreachable and ratelimit.on_redis_error = "deny"; retry in {retry:.3g} s',
+        retry,
+    )
 
 
 def build_connection_limits(

@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable
 from enum import StrEnum
 from typing import TYPE_CHECKING, Final, TypeVar
 
-from ratelimit.base import Buckets, LimiterUnavailable, LimitResult
+from ratelimit.base import ALLOWED, Buckets, LimiterUnavailable, LimitResult
 from ratelimit.breaker import CircuitBreaker
 from ratelimit.gcra import Rate
 from ratelimit.memory import MemoryBuckets
@@ -53,7 +53,6 @@ _FALLBACK_MODE: Final = {
     FailurePolicy.ALLOW: Mode.ALLOW,
 }
 T = TypeVar("T")
-_ALLOWED: Final = LimitResult(True)
 _NO_SLOT: Final = LimitResult(False)
 
 
@@ -129,13 +128,13 @@ class Limiter:
         answer = await self._ask(lambda: tunnels.admit(app, mine, cap))
         if answer is not None:
             admitted, total = answer
-            return (_ALLOWED if admitted else _NO_SLOT), total
+            return (ALLOWED if admitted else _NO_SLOT), total
         mode = self._fallback_mode()
         if mode is Mode.LOCAL:
             local_cap = max(1, math.floor(cap * self.local_share))
-            return (_ALLOWED if mine <= local_cap else _NO_SLOT), mine
+            return (ALLOWED if mine <= local_cap else _NO_SLOT), mine
         if mode is Mode.ALLOW:
-            return _ALLOWED, mine
+            return ALLOWED, mine
         return LimitResult(False, max(1.0, self._breaker.retry_in()), unavailable=True), mine
 
     async def set_tunnels(self, app: str, mine: int) -> None:
@@ -205,7 +204,7 @@ class Limiter:
         if mode is Mode.LOCAL:
             return self._local.take_now(key, self._local_rate(rate), cost)
         if mode is Mode.ALLOW:
-            return _ALLOWED
+            return ALLOWED
         return LimitResult(False, max(1.0, self._breaker.retry_in()), unavailable=True)
 
     def _local_rate(self, rate: Rate) -> Rate:

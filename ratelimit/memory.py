@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 
 from ratelimit.base import LimitResult
-from ratelimit.gcra import MICROSECONDS, Rate, Taken, charge, take, take_up_to
+from ratelimit.gcra import MICROSECONDS, Rate, Taken, charge, take
 
 __all__ = ["MemoryBuckets", "monotonic_us"]
 
@@ -58,16 +58,6 @@ class MemoryBuckets:
 
     async def take(self, key: str, rate: Rate, cost: int = 1) -> LimitResult:
         return self.take_now(key, rate, cost)
-
-    def take_up_to(self, key: str, rate: Rate, count: int) -> Taken:
-        """Take as many of ``count`` single tokens as fit now (the batched take)."""
-        now = self._clock()
-        units = self._units
-        taken = take_up_to(
-            self._tats.get(key, now), now, rate.interval(units), rate.capacity(units), count
-        )
-        self._remember(key, taken.tat, now)
-        return taken
 
     def charge(self, key: str, rate: Rate, cost: int) -> float:
         """Spend ``cost`` tokens already used; the seconds to pause so the rate holds."""
