@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -41,10 +42,27 @@ STOP_TIMEOUT_S = 10.0
 
 
 def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
+    """A free loopback port below the kernel's ephemeral range: a server that is stopped and
+    started again on its port must not find it taken meanwhile as some client socket's local
+    port (a port from bind(0) is an ephemeral one, and this machine's tests open thousands)."""
+    low = _ephemeral_low()
+    for _ in range(100):
+        port = random.randrange(20000, low)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError(f"no free loopback port between 20000 and {low}")
+
+
+def _ephemeral_low() -> int:
+    try:
+        text = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text()
+        return max(20001, int(text.split()[0]))
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 class RedisServer:
