@@ -21,6 +21,7 @@ from egress.errors import ConfigError, EgressError
 from egress.firewall.cli import add_firewall_commands
 from egress.gcpolicy import full_collections_deferred
 from egress.rules_cli import add_rules_commands
+from egress.sandbox_cli import add_sandbox_command
 
 
 def loop_factory(kind: str) -> Callable[[], asyncio.AbstractEventLoop]:
@@ -120,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(handler=_cmd_check_config)
     add_firewall_commands(sub)
     add_rules_commands(sub)
+    add_sandbox_command(sub)
     return parser
 
 

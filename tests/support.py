@@ -174,12 +174,21 @@ async def open_unix_as_uid(
 
 
 async def refused_at_accept(reader: asyncio.StreamReader) -> bool:
-    """Whether the proxy dropped the connection without sending a byte (refused at accept)."""
+    """Whether the proxy dropped the connection at accept, having sent at most its one fixed
+    refusal: nothing (HTTP), or on SOCKS5 "no acceptable method" and a reason record (two
+    bytes of length, then JSON)."""
+    data = b""
     try:
-        data = await reader.read(1)
+        while chunk := await reader.read(65536):
+            data += chunk
     except ConnectionResetError:
+        pass
+    if not data:
         return True
-    return data == b""
+    if data[:2] != b"\x05\xff" or len(data) < 4:
+        return False
+    length = int.from_bytes(data[2:4], "big")
+    return len(data) == 4 + length and isinstance(json.loads(data[4:]), dict)
 
 
 # --- SOCKS5 / HTTP client helpers (written from the RFCs, independent of egress.proto) -------

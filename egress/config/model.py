@@ -257,6 +257,22 @@ class LogConfig:
     connection_log: str = "-"  # "-" is stderr, anything else a file path
 
 
+class SandboxListen(StrEnum):
+    """What a sandboxed app's bind()/listen() may do (the shim's EGRESS_SANDBOX_LISTEN)."""
+
+    ANY = "any"
+    LOOPBACK = "loopback"
+    NONE = "none"
+
+
+@dataclass(frozen=True, slots=True)
+class SandboxConfig:
+    """Settings ``egress sandbox`` hands to the socket shim of the programs it starts."""
+
+    proxy: ListenAddress | None = None  # default: the first loopback proxy.socks5_listen
+    listen: SandboxListen = SandboxListen.ANY
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     proxy: ProxyConfig = field(default_factory=ProxyConfig)
@@ -268,6 +284,7 @@ class Config:
     admin: AdminConfig = field(default_factory=AdminConfig)
     firewall: FirewallConfig = field(default_factory=FirewallConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    sandbox: SandboxConfig = field(default_factory=SandboxConfig)
     ruleset: RuleSet = field(default_factory=RuleSet)
     source: Path = Path("<memory>")
 

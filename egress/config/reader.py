@@ -12,6 +12,7 @@ import os
 import re
 import tomllib
 from collections.abc import Callable, Mapping
+from ipaddress import ip_address
 from pathlib import Path
 from typing import Any, Final
 
@@ -36,6 +37,8 @@ from egress.config.model import (
     ResolverConfig,
     RulesConfig,
     RuleStore,
+    SandboxConfig,
+    SandboxListen,
     SecurityConfig,
     _no_exceptions,
     _redact_url,
@@ -369,6 +372,18 @@ def parse_config(data: Mapping[str, Any], *, source: str) -> Config:
         level=log_section.value("level", choice(LogLevel), LogLevel.INFO),
         connection_log=log_section.value("connection_log", non_empty_string, "-"),
     )
+    sandbox_section = root.table("sandbox")
+    sandbox = SandboxConfig(
+        proxy=sandbox_section.value("proxy", _listen, None),
+        listen=sandbox_section.value("listen", choice(SandboxListen), SandboxListen.ANY),
+    )
+    if sandbox.proxy is not None and not ip_address(sandbox.proxy.host).is_loopback:
+        reader.report(
+            "sandbox.proxy",
+            str(sandbox.proxy),
+            "a loopback address such as 127.0.0.1:1080",
+            "the proxy identifies apps by the uid that owns the local socket",
+        )
     ruleset = read_rule_set(
         reader,
         root.tables("app", name="[[app]]", expected="[[app]] tables"),
@@ -403,6 +418,7 @@ def parse_config(data: Mapping[str, Any], *, source: str) -> Config:
         admin=admin,
         firewall=firewall,
         log=log,
+        sandbox=sandbox,
         ruleset=ruleset if ruleset is not None else RuleSet(source=source),
         source=Path(source),
     )

@@ -378,11 +378,34 @@ class ClientConnection(asyncio.Protocol):
             transport.close()
 
     def _refuse(self, outcome: Outcome, detail: str | None = None) -> None:
-        """Refused at accept: no reply, the connection is dropped (connection_lost follows)."""
+        """Refused at accept: nothing is read, the connection is dropped (connection_lost
+        follows). A protocol may first write one fixed refusal, in the same turn."""
         self.outcome = outcome
         self.detail = detail
-        assert self.transport is not None
-        self.transport.abort()
+        transport = self.transport
+        assert transport is not None
+        refusal = self.accept_refusal(outcome, detail or OUTCOMES[outcome].detail)
+        if refusal:
+            transport.write(refusal)  # a fresh socket's buffer takes it at once
+        transport.abort()
+
+    def accept_refusal(self, outcome: Outcome, detail: str) -> bytes:
+        """Bytes to write when refusing at accept, before reading anything: none by default."""
+        return b""
+
+    def reason_fields(
+        self, outcome: Outcome, detail: str, retry_after: float | None
+    ) -> dict[str, str | int | float | None]:
+        """Why this connection was refused, for a client that can take more than a code."""
+        return {
+            "reason": outcome.value,
+            "decision": OUTCOMES[outcome].decision.value,
+            "app": self.app_name,
+            "uid": self.uid,
+            "destination": self.destination,
+            "detail": untrusted(detail),
+            "retry_after": None if retry_after is None else round(retry_after, 3),
+        }
 
     def shut_down(self) -> None:
         if self.tunnel is None and self.transport is not None:
@@ -516,7 +539,7 @@ def _identity_detail(exc: BaseException) -> str:
 class Socks5Connection(ClientConnection):
     """SOCKS5 (RFC 1928) with optional RFC 1929 username/password, over TCP or a Unix socket."""
 
-    __slots__ = ("_parser", "_request_seen")
+    __slots__ = ("_parser", "_reasons", "_request_seen")
 
     def __init__(
         self, context: ConnectionContext, kind: ListenerKind = ListenerKind.SOCKS5
@@ -524,6 +547,7 @@ class Socks5Connection(ClientConnection):
         super().__init__(context, kind)
         self._parser = socks5.Socks5Server(max_buffer=self.settings.max_handshake_bytes)
         self._request_seen = False
+        self._reasons = False  # the client negotiated METHOD_EGRESS: refusals carry a record
 
     def data_received(self, data: bytes) -> None:
         if self.destination is not None:
@@ -557,7 +581,7 @@ class Socks5Connection(ClientConnection):
             self.outcome = exc.outcome
             self.detail = str(exc)
             if exc.reply_code is not None and not transport.is_closing():
-                transport.write(parser.reply(exc.reply_code))
+                transport.write(parser.reply(exc.reply_code) + self._record(exc.outcome, str(exc)))
             transport.close()
 
     def _greet(self, greeting: socks5.Greeting) -> bool:
@@ -569,19 +593,42 @@ class Socks5Connection(ClientConnection):
                 if socks5.METHOD_USERNAME_PASSWORD in greeting.methods
                 else socks5.METHOD_NO_ACCEPTABLE
             )
+        elif socks5.METHOD_EGRESS in greeting.methods:
+            method = socks5.METHOD_EGRESS
         elif socks5.METHOD_NO_AUTH in greeting.methods:
             method = socks5.METHOD_NO_AUTH
         elif socks5.METHOD_USERNAME_PASSWORD in greeting.methods:
             method = socks5.METHOD_USERNAME_PASSWORD  # credentials offered but not needed: accepted
         else:
             method = socks5.METHOD_NO_ACCEPTABLE
-        transport.write(self._parser.choose_method(method))
+        self._reasons = socks5.METHOD_EGRESS in greeting.methods
+        reply = self._parser.choose_method(method)
         if method == socks5.METHOD_NO_ACCEPTABLE:
             self.outcome = Outcome.AUTH_REQUIRED
-            self.detail = "client offered no acceptable SOCKS5 authentication method"
+            self.detail = (
+                "this app needs proxy credentials (username/password), which the client did"
+                " not offer"
+                if self.needs_credentials
+                else "client offered no acceptable SOCKS5 authentication method"
+            )
+            transport.write(reply + self._record(self.outcome, self.detail))
             transport.close()
             return False
+        transport.write(reply)
         return True
+
+    def _record(self, outcome: Outcome, detail: str, retry_after: float | None = None) -> bytes:
+        if not self._reasons:
+            return b""
+        return socks5.refusal_record(self.reason_fields(outcome, detail, retry_after))
+
+    def accept_refusal(self, outcome: Outcome, detail: str) -> bytes:
+        # Written before the greeting is read, so it answers any greeting: "no acceptable
+        # method" (a plain client stops there) and the record, which only the shim reads.
+        fields = self.reason_fields(outcome, detail, None)
+        return bytes((socks5.SOCKS_VERSION, socks5.METHOD_NO_ACCEPTABLE)) + socks5.refusal_record(
+            fields
+        )
 
     def send_success(self, dialled: Dialled) -> None:
         assert self.transport is not None and dialled.upstream.transport is not None
@@ -592,7 +639,9 @@ class Socks5Connection(ClientConnection):
     def send_failure(self, outcome: Outcome, text: str, retry_after: float | None) -> None:
         code = OUTCOMES[outcome].socks5
         if self._request_seen and code is not None and self.transport is not None:
-            self.transport.write(self._parser.reply(code))
+            self.transport.write(
+                self._parser.reply(code) + self._record(outcome, text, retry_after)
+            )
 
 
 class _ForwardFilter:

@@ -22,6 +22,8 @@ A typical driver::
 from __future__ import annotations
 
 import enum
+import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address
 from typing import Final, NoReturn
@@ -32,6 +34,7 @@ __all__ = [
     "ATYP_DOMAIN",
     "ATYP_IPV4",
     "ATYP_IPV6",
+    "METHOD_EGRESS",
     "METHOD_NO_ACCEPTABLE",
     "METHOD_NO_AUTH",
     "METHOD_USERNAME_PASSWORD",
@@ -43,6 +46,7 @@ __all__ = [
     "NeedData",
     "Socks5ProtocolError",
     "Socks5Server",
+    "refusal_record",
 ]
 
 SOCKS_VERSION: Final = 0x05
@@ -51,7 +55,13 @@ AUTH_VERSION: Final = 0x01  # RFC 1929 sub-negotiation version
 METHOD_NO_AUTH: Final = 0x00
 METHOD_USERNAME_PASSWORD: Final = 0x02
 METHOD_NO_ACCEPTABLE: Final = 0xFF
-_SUPPORTED_METHODS: Final = frozenset({METHOD_NO_AUTH, METHOD_USERNAME_PASSWORD})
+# egress's private method (RFC 1928 keeps X'80'..X'FE' for private methods): no authentication,
+# and every refusal is followed by a reason record (see refusal_record). The sandbox shim offers
+# it; plain SOCKS5 clients never do, and never see a record after a reply.
+METHOD_EGRESS: Final = 0xE5
+_SUPPORTED_METHODS: Final = frozenset({METHOD_NO_AUTH, METHOD_USERNAME_PASSWORD, METHOD_EGRESS})
+MAX_RECORD_BYTES: Final = 8192  # what a client need ever read after a refusal
+MAX_RECORD_TEXT: Final = 200
 
 CMD_CONNECT: Final = 0x01
 
@@ -242,7 +252,7 @@ class Socks5Server:
             raise ValueError(f"method 0x{method:02x} was not offered by the client")
         elif method == METHOD_USERNAME_PASSWORD:
             self._state = _State.AUTH
-        else:
+        else:  # no authentication: METHOD_NO_AUTH or METHOD_EGRESS
             self._enter_request_phase()
         return bytes((SOCKS_VERSION, method))
 
@@ -399,3 +409,17 @@ class Socks5Server:
     ) -> NoReturn:
         self._state = _State.CLOSED
         raise Socks5ProtocolError(message, outcome=outcome, reply=reply)
+
+
+def refusal_record(fields: Mapping[str, str | int | float | None]) -> bytes:
+    """The reason record that follows a refusal under :data:`METHOD_EGRESS`.
+
+    Two bytes of length (big-endian), then that many bytes of a JSON object, ASCII only.
+    Every text is cut to :data:`MAX_RECORD_TEXT` characters first, so even a text that is all
+    escapes (six bytes a character) keeps the record under :data:`MAX_RECORD_BYTES`.
+    """
+    shown = {k: v[:MAX_RECORD_TEXT] if isinstance(v, str) else v for k, v in fields.items()}
+    body = json.dumps(shown, separators=(",", ":")).encode("ascii")
+    if len(body) > MAX_RECORD_BYTES:
+        raise ValueError(f"reason record of {len(body)} bytes: too many fields")
+    return len(body).to_bytes(2, "big") + body

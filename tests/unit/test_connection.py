@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import json
 import gc
 import socket
 import struct
@@ -181,18 +182,29 @@ REFUSALS = [
 
 @FLAVOURS
 @pytest.mark.parametrize(("answer", "reason", "decision"), REFUSALS)
-def test_refused_at_accept_without_a_byte(
+def test_refused_at_accept_without_reading_a_byte(
     flavour: Flavour, answer: int | OSError | None, reason: str, decision: str
 ) -> None:
+    """Refused at accept: nothing is read. SOCKS5 clients get one fixed answer written in the
+    same turn ("no acceptable method" and the reason record the sandbox shim reads); HTTP
+    clients get nothing."""
+
     async def main() -> None:
         h = Harness()
         h.identify.answer = answer
         _, client = h.accept(flavour.factory)
         assert client.aborted
+        written_at_accept = bytes(client.written)
         flavour.request(client, "api.example.com", 443)  # too late: nobody reads it
         [record] = await h.log.wait_for(1)
         await turns()
-        assert client.written == b""
+        assert client.written == written_at_accept  # nothing more after the request
+        if flavour.listener == "socks5":
+            fields = accept_refusal(client)
+            assert fields["reason"] == reason and fields["decision"] == decision
+            assert fields["uid"] == (answer if isinstance(answer, int) else None)
+        else:
+            assert written_at_accept == b""
         assert h.dialer.attempts == [] and h.resolver.lookups == []
         assert record["decision"] == decision and record["reason"] == reason
         assert record["app"] is None and record["dest"] is None
@@ -206,6 +218,17 @@ def test_refused_at_accept_without_a_byte(
     run(main())
 
 
+def accept_refusal(client: FakeTransport) -> dict[str, object]:
+    """The reason record of a SOCKS5 refusal at accept: ``05 FF``, two bytes of length, JSON."""
+    written = bytes(client.written)
+    assert written[:2] == b"\x05\xff", written
+    length = int.from_bytes(written[2:4], "big")
+    assert len(written) == 4 + length
+    fields = json.loads(written[4:])
+    assert isinstance(fields, dict)
+    return fields
+
+
 def test_over_max_connections_is_refused_before_identification() -> None:
     async def main() -> None:
         h = Harness(max_connections=2)
@@ -214,7 +237,7 @@ def test_over_max_connections_is_refused_before_identification() -> None:
         _, refused = h.accept(Socks5Connection)
         assert refused.aborted
         [record] = await h.log.wait_for(1)
-        assert refused.written == b""
+        assert accept_refusal(refused)["reason"] == "connection_limit"
         assert (record["decision"], record["reason"], record["uid"]) == (
             "denied",
             "connection_limit",
@@ -240,7 +263,9 @@ def test_over_max_handshakes_per_app_is_refused_and_other_apps_are_not() -> None
         _, second = h.accept(Socks5Connection)
         assert second.aborted and not first.is_closing()
         [record] = await h.log.wait_for(1)
-        assert second.written == b""
+        assert accept_refusal(second) | {"app": "blog", "reason": "handshake_limit"} == (
+            accept_refusal(second)
+        )
         assert record | {"app": "blog", "uid": APP_UID} == record
         assert (record["decision"], record["reason"]) == ("denied", "handshake_limit")
         assert connections_counted(h, "blog", "socks5", "denied", "handshake_limit") == 1

@@ -1,0 +1,123 @@
+"""``egress sandbox``: run a program with the socket shim, or install the shim into an image.
+
+The program is exec'd (it replaces this process, so signals and the exit status are its own)
+with the shim's ``boot/`` directory first on ``PYTHONPATH`` and the ``EGRESS_SANDBOX_*``
+settings in its environment; Python children it starts inherit both. The settings come from
+the flags, else from ``[sandbox]`` and ``proxy.socks5_listen`` of ``--config``, else from the
+environment already set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+from ipaddress import ip_address
+from pathlib import Path
+from typing import Any
+
+from egress.config import load_config
+from egress.config.model import Config
+from egress.errors import EgressError
+from egress.sandbox.settings import (
+    ENV_LISTEN,
+    ENV_PROXY,
+    ENV_TIMEOUT,
+    LISTEN_POLICIES,
+    SandboxConfigError,
+    Settings,
+)
+
+__all__ = ["add_sandbox_command", "sandbox_environment"]
+
+PACKAGE_DIR = Path(__file__).resolve().parent / "sandbox"
+BOOT_DIR = PACKAGE_DIR / "boot"
+HOOK_NAME = "egress_sandbox"
+
+
+def proxy_from_config(config: Config) -> str:
+    if config.sandbox.proxy is not None:
+        return str(config.sandbox.proxy)
+    for address in config.proxy.socks5_listen:
+        if address.port and ip_address(address.host).is_loopback:
+            return str(address)
+    raise EgressError(
+        f"{config.source}: no sandbox.proxy and no loopback proxy.socks5_listen with a fixed"
+        " port: the shim needs the proxy's SOCKS5 address (or give --proxy)"
+    )
+
+
+def sandbox_environment(args: argparse.Namespace, environ: dict[str, str]) -> dict[str, str]:
+    """The environment of the sandboxed program; settings checked here, so a mistake stops
+    before the program starts rather than inside it."""
+    env = dict(environ)
+    config = load_config(args.config) if args.config else None
+    if args.proxy:
+        env[ENV_PROXY] = args.proxy
+    elif config is not None:
+        env[ENV_PROXY] = proxy_from_config(config)
+    if args.listen:
+        env[ENV_LISTEN] = args.listen
+    elif config is not None:
+        env[ENV_LISTEN] = config.sandbox.listen.value
+    if args.timeout is not None:
+        env[ENV_TIMEOUT] = str(args.timeout)
+    try:
+        Settings.from_environ(env)
+    except SandboxConfigError as exc:
+        raise EgressError(f"sandbox: {exc}") from None
+    return env
+
+
+def install_hook(site_dir: Path) -> Path:
+    """Copy the shim into ``site_dir`` as ``egress_sandbox`` with a ``.pth`` that installs it
+    in every interpreter using that site directory."""
+    if not site_dir.is_dir():
+        raise EgressError(f"sandbox --install-hook: {site_dir} is not a directory")
+    target = site_dir / HOOK_NAME
+    if target.exists():
+        shutil.rmtree(target)
+    shutil.copytree(PACKAGE_DIR, target, ignore=shutil.ignore_patterns("__pycache__", "boot"))
+    pth = site_dir / f"{HOOK_NAME}.pth"
+    pth.write_text(f"import {HOOK_NAME}.auto\n")
+    return pth
+
+
+def _cmd_sandbox(args: argparse.Namespace) -> int:
+    if args.install_hook:
+        pth = install_hook(Path(args.install_hook))
+        print(f"installed {pth.parent / HOOK_NAME} and {pth}; set {ENV_PROXY} for its programs")
+        return 0
+    command: list[str] = args.command
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        raise EgressError("sandbox: give the program to run after --, e.g. -- python app.py")
+    env = sandbox_environment(args, dict(os.environ))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(BOOT_DIR), env.get("PYTHONPATH")]))
+    try:
+        os.execvpe(command[0], command, env)  # noqa: S606 - the operator's own command line
+    except OSError as exc:
+        print(f"egress: sandbox: cannot run {command[0]}: {exc.strerror}", file=sys.stderr)
+    return 127
+
+
+def add_sandbox_command(sub: Any) -> None:
+    sandbox = sub.add_parser(
+        "sandbox",
+        help="run a Python program with the socket shim (or install the shim into an image)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sandbox.add_argument("--config", help="take the proxy address and [sandbox] from this file")
+    sandbox.add_argument("--proxy", help="the proxy's loopback SOCKS5 HOST:PORT")
+    sandbox.add_argument("--listen", choices=LISTEN_POLICIES, help="what bind()/listen() may do")
+    sandbox.add_argument("--timeout", type=float, help="seconds a connect waits for the proxy")
+    sandbox.add_argument(
+        "--install-hook",
+        metavar="SITE_PACKAGES",
+        help="copy the shim into this site-packages with a .pth hook, and exit",
+    )
+    sandbox.add_argument("command", nargs=argparse.REMAINDER, help="-- PROGRAM [ARGS...]")
+    sandbox.set_defaults(handler=_cmd_sandbox)
