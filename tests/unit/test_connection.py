@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import json
 import gc
+import json
 import socket
 import struct
 import weakref
