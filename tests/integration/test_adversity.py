@@ -206,7 +206,7 @@ def test_connection_limit_refuses_beyond_max(loop_kind: str, tmp_path: Path) -> 
             await eventually(lambda: len(proxy.connections()) == 5, "the proxy holds all five")
             reader, writer = await open_as_uid(APP_UID, *proxy.address(ListenerKind.SOCKS5))
             writer.write(b"\x05\x01\x00")
-            assert await asyncio.wait_for(reader.read(), 2) == b""
+            assert await asyncio.wait_for(refused_at_accept(reader), 2)
             writer.close()
             (refused,) = await proxy.wait_records(1)
             assert refused["reason"] == "connection_limit"

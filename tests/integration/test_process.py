@@ -40,7 +40,7 @@ CHILD_CLIENT = textwrap.dedent(
         s.sendall(b"\\x05\\x01\\x00"); method = s.recv(2)
     except ConnectionResetError:
         method = b""
-    if not method:  # refused at accept
+    if method in (b"", b"\\x05\\xff"):  # refused at accept (05 FF and a reason record)
         print(-1, "", flush=True); sys.exit()
     assert method == b"\\x05\\x00"
     s.sendall(b"\\x05\\x01\\x00\\x01" + socket.inet_aton("127.0.0.1") + struct.pack("!H", port))

@@ -20,6 +20,7 @@ from egress.config import (
     parse_config,
     summarize,
 )
+from egress.config.model import SandboxConfig, SandboxListen
 from egress.errors import ConfigError, ConfigProblem
 from rules.apps import App, Limits, Mode, RuleSet, UidRange
 from rules.parse import parse_rule
@@ -710,3 +711,26 @@ def test_the_summary_shows_the_limits_in_force_with_the_defaults() -> None:
     assert (
         lines[shop + 2] == "    limits: 50 connections/s, 10 concurrent (with [ratelimit.defaults])"
     )
+
+
+# --- [sandbox] ---------------------------------------------------------------------------------
+def test_sandbox_defaults_and_keys(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, MINIMAL))
+    assert config.sandbox == SandboxConfig(proxy=None, listen=SandboxListen.ANY)
+    text = MINIMAL + '[sandbox]\nproxy = "[::1]:1081"\nlisten = "none"\n'
+    config = load_config(write(tmp_path, text))
+    assert config.sandbox == SandboxConfig(ListenAddress("::1", 1081), SandboxListen.NONE)
+
+
+@pytest.mark.parametrize(
+    ("line", "key", "says"),
+    [
+        ('listen = "outbound"', "sandbox.listen", "any"),
+        ('proxy = "192.0.2.1:1080"', "sandbox.proxy", "loopback"),
+        ('proxy = "localhost:1080"', "sandbox.proxy", "IP address"),
+        ("proxi = 1", "sandbox.proxi", "unknown"),
+    ],
+)
+def test_sandbox_mistakes_name_the_key(tmp_path: Path, line: str, key: str, says: str) -> None:
+    problem = only_problem(tmp_path, MINIMAL + f"[sandbox]\n{line}\n")
+    assert key in str(problem) and says in str(problem)

@@ -1036,3 +1036,105 @@ def test_a_connection_decides_under_the_rules_it_was_accepted_with() -> None:
         assert_released(h, connections=2)
 
     run(main())
+
+
+# --- the reason channel (egress's private SOCKS5 method, 0xE5) ---------------------------------
+def egress_request(client: FakeTransport, host: str, port: int) -> None:
+    """What the sandbox shim sends: a greeting offering 0xE5 and no-auth, the request behind it."""
+    name = host.encode()
+    client.feed(
+        b"\x05\x02\xe5\x00"
+        + b"\x05\x01\x00\x03"
+        + bytes([len(name)])
+        + name
+        + port.to_bytes(2, "big")
+    )
+
+
+def reason_record(after: bytes) -> dict[str, object]:
+    length = int.from_bytes(after[:2], "big")
+    assert len(after) == 2 + length, after
+    fields = json.loads(after[2:])
+    assert isinstance(fields, dict)
+    return fields
+
+
+def test_a_denial_under_the_private_method_says_who_where_and_why() -> None:
+    async def main() -> None:
+        h = Harness()
+        _, client = h.accept(Socks5Connection)
+        egress_request(client, "evil.example.net", 443)
+        [record] = await h.log.wait_for(1)
+        written = bytes(client.written)
+        assert written[:2] == b"\x05\xe5"  # the private method was chosen
+        assert written[2:12] == socks5_reply(0x02)
+        fields = reason_record(written[12:])
+        assert fields == {
+            "reason": "not_allowed",
+            "decision": "denied",
+            "app": "blog",
+            "uid": APP_UID,
+            "destination": "evil.example.net:443",
+            "detail": fields["detail"],
+            "retry_after": None,
+        }
+        assert record["reason"] == "not_allowed"
+
+    run(main())
+
+
+def test_a_rate_limited_refusal_under_the_private_method_carries_the_wait() -> None:
+    async def main() -> None:
+        h = Harness(snapshot=make_snapshot(data=LIMITED_RULES))
+        _, first = h.accept(Socks5Connection)
+        egress_request(first, "api.example.com", 443)
+        await until(lambda: len(h.dialer.attempts) == 1, "the first connection dials")
+        _, client = h.accept(Socks5Connection)
+        egress_request(client, "www.example.com", 80)
+        await h.log.wait_for(1)
+        fields = reason_record(bytes(client.written)[12:])
+        assert (fields["reason"], fields["app"]) == ("rate_limited", "blog")
+        assert fields["retry_after"] == 2.5
+
+    run(main())
+
+
+def test_plain_socks5_clients_never_see_a_record() -> None:
+    """The same denial for a client that did not offer 0xE5: the RFC 1928 reply, nothing else."""
+
+    async def main() -> None:
+        h = Harness()
+        _, client = h.accept(Socks5Connection)
+        SOCKS5.request(client, "evil.example.net", 443)
+        await h.log.wait_for(1)
+        assert bytes(client.written) == b"\x05\x00" + socks5_reply(0x02)
+
+    run(main())
+
+
+def test_an_app_that_needs_credentials_tells_the_shim_so() -> None:
+    """The shim sends no credentials: 'no acceptable method' and the record saying why."""
+
+    async def main() -> None:
+        rules = {
+            "app": [
+                {
+                    "name": "blog",
+                    "uids": [APP_UID],
+                    "allow": ["api.example.com:443"],
+                    "proxy_auth": {"username": "u", "password_sha256": "0" * 64},
+                }
+            ]
+        }
+        h = Harness(snapshot=make_snapshot(data=rules))
+        _, client = h.accept(Socks5Connection)
+        egress_request(client, "api.example.com", 443)
+        [record] = await h.log.wait_for(1)
+        written = bytes(client.written)
+        assert written[:2] == b"\x05\xff"
+        fields = reason_record(written[2:])
+        assert (fields["reason"], fields["app"]) == ("auth_required", "blog")
+        assert "credentials" in str(fields["detail"])
+        assert record["reason"] == "auth_required"
+
+    run(main())

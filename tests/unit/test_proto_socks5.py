@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import struct
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address
@@ -23,6 +24,8 @@ from egress.proto.socks5 import (
     ATYP_DOMAIN,
     ATYP_IPV4,
     ATYP_IPV6,
+    MAX_RECORD_BYTES,
+    METHOD_EGRESS,
     METHOD_NO_ACCEPTABLE,
     METHOD_NO_AUTH,
     METHOD_USERNAME_PASSWORD,
@@ -33,6 +36,7 @@ from egress.proto.socks5 import (
     Greeting,
     Socks5ProtocolError,
     Socks5Server,
+    refusal_record,
 )
 from tests.unit.feeding import SPLITTERS, Splitter, random_splits
 
@@ -183,6 +187,42 @@ def test_reply_while_waiting_for_request() -> None:
     assert run.server.reply(SOCKS5_CONNECTION_REFUSED)[:2] == b"\x05\x05"
     with pytest.raises(RuntimeError):
         handshake(SPLITTERS["whole"], greeting(0)).server.reply(SOCKS5_SUCCEEDED)
+
+
+# -- egress's private method (0xE5) ------------------------------------------------------------
+
+
+def test_private_method_needs_no_sub_negotiation(feeding: Splitter) -> None:
+    """The shim pipelines its request behind a greeting offering 0xE5 and no-auth."""
+    data = greeting(METHOD_EGRESS, METHOD_NO_AUTH) + request(ATYP_DOMAIN, domain(b"a.test"), 443)
+    run = handshake(feeding, data, method=METHOD_EGRESS)
+    assert run.sent == b"\x05\xe5"
+    assert run.events == [
+        Greeting(frozenset({METHOD_EGRESS, METHOD_NO_AUTH})),
+        ConnectRequest("a.test", 443, ATYP_DOMAIN),
+    ]
+
+
+def test_refusal_record_is_length_then_ascii_json() -> None:
+    record = refusal_record({"reason": "not_allowed", "app": "blog", "detail": "caf\u00e9 \u2603"})
+    length = int.from_bytes(record[:2], "big")
+    assert length == len(record) - 2
+    body = record[2:]
+    assert body.isascii()
+    assert json.loads(body) == {"reason": "not_allowed", "app": "blog", "detail": "caf\u00e9 \u2603"}
+
+
+def test_refusal_record_stays_bounded_whatever_the_texts() -> None:
+    """Six bytes a character once escaped, in every field: still under the bound, and the
+    reason itself is never cut."""
+    worst = "\u2603" * 10_000
+    fields = {"reason": "not_allowed", **{k: worst for k in ("app", "destination", "detail")}}
+    fields |= {"decision": worst, "uid": 10042, "retry_after": 1.5}
+    record = refusal_record(fields)
+    assert len(record) - 2 <= MAX_RECORD_BYTES
+    decoded = json.loads(record[2:])
+    assert decoded["reason"] == "not_allowed" and decoded["uid"] == 10042
+    assert decoded["detail"] == "\u2603" * 200
 
 
 # -- driver mistakes ---------------------------------------------------------------------------
