@@ -56,6 +56,10 @@ _real_bind: Final = _socket.socket.bind
 _real_listen: Final = _socket.socket.listen
 _real_sendto: Final = _socket.socket.sendto
 _real_sendmsg: Final = _socket.socket.sendmsg
+# The handshake uses the C methods: an ssl.SSLSocket connects with its TLS object already made,
+# and its own send/recv would speak TLS to the proxy.
+_real_sendall: Final = _socket.socket.sendall
+_real_recv: Final = _socket.socket.recv
 
 NAMES = NameTable()
 
@@ -155,7 +159,7 @@ def handshake_blocking(sock: socket.socket, dest: Destination) -> None:
         except OSError as exc:
             raise proxy_unreachable(settings.proxy_text, dest.text, exc) from None
         with contextlib.suppress(OSError):  # refused at accept: the refusal waits to be read
-            sock.sendall(connect_request(dest.host, dest.port))
+            _real_sendall(sock, connect_request(dest.host, dest.port))
         reader = ReplyReader()
         while reader.reply is None:
             left = deadline - time.monotonic()
@@ -167,7 +171,7 @@ def handshake_blocking(sock: socket.socket, dest: Destination) -> None:
                 )
             sock.settimeout(left)
             try:
-                data = sock.recv(reader.want)
+                data = _real_recv(sock, reader.want)
             except TimeoutError:
                 continue
             except ConnectionResetError:
