@@ -37,7 +37,7 @@ async def handshake(
 ) -> None:
     settings = patch._settings()
     try:
-        await _connect_raw(loop, sock, settings.proxy)
+        await _connect_raw(loop, sock, settings.proxy_for(sock.family))
     except OSError as exc:
         raise proxy_unreachable(settings.proxy_text, dest.text, exc) from None
     with contextlib.suppress(OSError):  # refused at accept: the refusal waits to be read

@@ -151,7 +151,7 @@ def handshake_blocking(sock: socket.socket, dest: Destination) -> None:
     try:
         sock.settimeout(budget)
         try:
-            real_connect(sock, settings.proxy)
+            real_connect(sock, settings.proxy_for(sock.family))
         except TimeoutError:
             raise TimeoutError(
                 errno.ETIMEDOUT, f"egress: timed out reaching the proxy at {settings.proxy_text}"

@@ -16,7 +16,9 @@
 
 from __future__ import annotations
 
+import errno
 import ipaddress
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
@@ -38,6 +40,20 @@ class Settings:
     proxy: tuple[str, int]
     listen: str = "any"
     connect_timeout: float = 60.0
+
+    def proxy_for(self, family: int) -> tuple[str, int] | tuple[str, int, int, int]:
+        """The proxy's address as a socket of ``family`` connects to it: an IPv6 socket reaches
+        an IPv4 proxy at its IPv4-mapped address (the kernel gives the proxy the same uid)."""
+        host, port = self.proxy
+        if family == socket.AF_INET6:
+            return (host if ":" in host else f"::ffff:{host}", port, 0, 0)
+        if ":" in host:
+            raise PermissionError(
+                errno.EACCES,
+                f"egress: {ENV_PROXY}={self.proxy_text} is IPv6; IPv4 sockets need the proxy's"
+                " 127.0.0.1 listener",
+            )
+        return self.proxy
 
     @property
     def proxy_text(self) -> str:

@@ -209,7 +209,11 @@ def test_refusal_record_is_length_then_ascii_json() -> None:
     assert length == len(record) - 2
     body = record[2:]
     assert body.isascii()
-    assert json.loads(body) == {"reason": "not_allowed", "app": "blog", "detail": "caf\u00e9 \u2603"}
+    assert json.loads(body) == {
+        "reason": "not_allowed",
+        "app": "blog",
+        "detail": "caf\u00e9 \u2603",
+    }
 
 
 def test_refusal_record_stays_bounded_whatever_the_texts() -> None:
