@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 
 import pytest
@@ -53,3 +54,21 @@ def test_only_limits_joins_rules_and_ratelimit() -> None:
         if {"rules", "ratelimit"} <= _imports(path)
     ]
     assert both == ["egress/limits.py"]
+
+
+def test_the_sandbox_shim_is_standard_library_only() -> None:
+    """egress/sandbox is injected into app interpreters and copied into images on its own:
+    every absolute import is a standard-library module, everything else is relative."""
+    files = sorted((ROOT / "egress" / "sandbox").rglob("*.py"))
+    assert len(files) >= 8
+    for path in files:
+        outside = {name for name in _imports(path) if name not in sys.stdlib_module_names}
+        assert not outside, f"{path.relative_to(ROOT)} imports {sorted(outside)}"
+        tree = ast.parse(path.read_text(), str(path))
+        own = [
+            node.module
+            for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module
+            if node.module.startswith("egress")
+        ]
+        assert not own, f"{path.relative_to(ROOT)} imports {own} absolutely: use relative imports"
