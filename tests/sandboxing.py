@@ -10,7 +10,9 @@ checkout itself may be private.
 
 from __future__ import annotations
 
+import atexit
 import functools
+import hashlib
 import importlib.metadata
 import os
 import shutil
@@ -46,7 +48,8 @@ def app_python() -> str:
     """A Python interpreter every test uid can run, with the client libraries installed."""
     pins = [f"{name}=={importlib.metadata.version(name)}" for name in APP_LIBRARIES]
     base = SYSTEM_PYTHON if Path(SYSTEM_PYTHON).exists() else sys.executable
-    home = Path(tempfile.gettempdir()) / f"egress-appenv-{abs(hash((base, *pins))) % 10**8}"
+    key = hashlib.sha256("\0".join((base, *pins)).encode()).hexdigest()[:12]
+    home = Path(tempfile.gettempdir()) / f"egress-appenv-{key}"  # reused by later runs
     python = home / "bin" / "python"
     if not python.exists():
         uv = _uv()
@@ -60,9 +63,10 @@ def app_python() -> str:
 
 @functools.cache
 def shim_dir() -> Path:
-    """A world-readable copy of ``egress/sandbox`` (fresh per run); its ``boot`` goes first on
-    PYTHONPATH, exactly as ``egress sandbox`` puts the original's."""
+    """A world-readable copy of ``egress/sandbox`` (fresh per run, removed when it ends); its
+    ``boot`` goes first on PYTHONPATH, exactly as ``egress sandbox`` puts the original's."""
     root = Path(tempfile.mkdtemp(prefix="egress-shim-"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
     target = root / "sandbox"
     shutil.copytree(SHIM_SOURCE, target, ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run(["chmod", "-R", "a+rX", str(root)], check=True)
