@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import stat
 import sys
 from ipaddress import ip_address
 from pathlib import Path
@@ -70,6 +71,16 @@ def sandbox_environment(args: argparse.Namespace, environ: dict[str, str]) -> di
     return env
 
 
+def unreadable_by_others(path: Path) -> Path | None:
+    """The first of ``path`` and its directories that other users cannot read (or enter)."""
+    if not path.stat().st_mode & stat.S_IROTH:
+        return path
+    for directory in path.parents:
+        if not directory.stat().st_mode & stat.S_IXOTH:
+            return directory
+    return None
+
+
 def install_hook(site_dir: Path) -> Path:
     """Copy the shim into ``site_dir`` as ``egress_sandbox`` with a ``.pth`` that installs it
     in every interpreter using that site directory."""
@@ -95,6 +106,15 @@ def _cmd_sandbox(args: argparse.Namespace) -> int:
     if not command:
         raise EgressError("sandbox: give the program to run after --, e.g. -- python app.py")
     env = sandbox_environment(args, dict(os.environ))
+    hidden = unreadable_by_others(BOOT_DIR / "sitecustomize.py")
+    if hidden is not None:
+        print(
+            f"egress: sandbox: warning: {hidden} is not readable by other users: a program"
+            " that runs as another uid starts WITHOUT the shim (Python skips a sitecustomize"
+            " it cannot read, silently); install egress where every uid can read it, or use"
+            " --install-hook",
+            file=sys.stderr,
+        )
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(BOOT_DIR), env.get("PYTHONPATH")]))
     try:
         os.execvpe(command[0], command, env)  # noqa: S606 - the operator's own command line

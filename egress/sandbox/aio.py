@@ -36,8 +36,9 @@ async def handshake(
     loop: asyncio.AbstractEventLoop, sock: socket.socket, dest: patch.Destination
 ) -> None:
     settings = patch._settings()
+    proxy = settings.proxy_for(sock.family)
     try:
-        await _connect_raw(loop, sock, settings.proxy_for(sock.family))
+        await _connect_raw(loop, sock, proxy)
     except OSError as exc:
         raise proxy_unreachable(settings.proxy_text, dest.text, exc) from None
     with contextlib.suppress(OSError):  # refused at accept: the refusal waits to be read

@@ -3,8 +3,9 @@ who, where and why.
 
 * denied (no rule, special-purpose address, uid in no app, credentials): :class:`EgressDenied`,
   a :class:`PermissionError` (``errno.EACCES``);
-* rate limited: :class:`EgressRateLimited`, also a :class:`PermissionError`, with
-  ``retry_after`` in seconds and a message that says when to retry;
+* rate limited, or over one of the proxy's connection caps: :class:`EgressRateLimited`, also a
+  :class:`PermissionError`, with ``retry_after`` in seconds (when the proxy knows it) and a
+  message that says when to retry;
 * the upstream refused, timed out or was unreachable, or the name did not resolve: the error
   the kernel or resolver would have given (:class:`ConnectionRefusedError`,
   :class:`TimeoutError`, ``OSError(EHOSTUNREACH)``, :class:`socket.gaierror`), saying it came
@@ -32,7 +33,15 @@ _DENIAL_TEXT = {
 _DENIED = frozenset(
     {"not_allowed", "special_address", "unknown_client", "auth_required", "auth_failed", "revoked"}
 )
-_LIMITED = frozenset({"rate_limited", "too_many_connections"})
+_LIMITED = frozenset(
+    {"rate_limited", "too_many_connections", "handshake_limit", "connection_limit"}
+)
+_LIMIT_TEXT = {
+    "rate_limited": "opens connections faster than its limit",
+    "too_many_connections": "holds as many connections as its max_concurrent limit allows",
+    "handshake_limit": "has proxy.max_handshakes_per_app connections in their handshake",
+    "connection_limit": "found the proxy at proxy.max_connections",
+}
 
 
 class EgressDenied(PermissionError):  # noqa: N818 - a PermissionError, named for what it says
@@ -95,11 +104,7 @@ def error_for(reply: Reply, destination: str, proxy: str) -> OSError:
         retry = record.get("retry_after")
         retry_after = float(retry) if isinstance(retry, int | float) else None
         when = f"; retry in {retry_after:.3g} s" if retry_after is not None else ""
-        what = (
-            "opens connections faster than its limit"
-            if reason == "rate_limited"
-            else "holds as many connections as its max_concurrent limit allows"
-        )
+        what = _LIMIT_TEXT[reason]
         return EgressRateLimited(
             f"egress: {who} is rate limited connecting to {destination} ({what}){when}",
             reason,

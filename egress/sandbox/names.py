@@ -39,10 +39,12 @@ def normalize(name: str) -> str:
 class NameTable:
     """Name to synthetic address and back. Thread-safe; lookups of known names take no lock."""
 
-    __slots__ = ("_index", "_lock", "_names")
+    __slots__ = ("_index", "_lock", "_names", "by_text")
 
     def __init__(self) -> None:
         self._index: dict[str, int] = {}
+        # synthetic address text -> name, for connect()'s fast path (no address parsing)
+        self.by_text: dict[str, str] = {}
         self._names: list[str] = []
         self._lock = threading.Lock()
 
@@ -65,10 +67,16 @@ class NameTable:
             return found
 
     def v4(self, name: str) -> str:
-        return str(ipaddress.IPv4Address(_V4_BASE + self.number(name)))
+        number = self.number(name)
+        text = str(ipaddress.IPv4Address(_V4_BASE + number))
+        self.by_text[text] = self._names[number - 1]
+        return text
 
     def v6(self, name: str) -> str:
-        return str(ipaddress.IPv6Address(_V6_BASE + self.number(name)))
+        number = self.number(name)
+        text = str(ipaddress.IPv6Address(_V6_BASE + number))
+        self.by_text[text] = self._names[number - 1]
+        return text
 
     def name_for(self, address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
         """The name a synthetic address stands for; None for any other address."""

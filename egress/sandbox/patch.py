@@ -109,6 +109,10 @@ def destination_of(sock: socket.socket, address: Any) -> Destination:
         raise TypeError(f"address must be (str, int), not {address!r}")
     if not 0 < port <= 0xFFFF:
         raise OverflowError("connect(): port must be 1-65535.")
+    named = NAMES.by_text.get(host)  # the common case: an address getaddrinfo handed out
+    if named is not None and (":" in host) == (sock.family == socket.AF_INET6):
+        peer_fast: Any = (host, port) if sock.family == socket.AF_INET else (host, port, 0, 0)
+        return Destination(named, port, peer_fast)
     try:
         ip = ipaddress.ip_address(host.partition("%")[0])
     except ValueError:
@@ -145,13 +149,14 @@ def handshake_blocking(sock: socket.socket, dest: Destination) -> None:
     the shim's ``connect_timeout``. The socket's timeout mode is what it was afterwards.
     """
     settings = _settings()
+    proxy = settings.proxy_for(sock.family)  # a PermissionError of its own when it cannot be
     saved = sock.gettimeout()
     budget = saved if saved else settings.connect_timeout
     deadline = time.monotonic() + budget
     try:
         sock.settimeout(budget)
         try:
-            real_connect(sock, settings.proxy_for(sock.family))
+            real_connect(sock, proxy)
         except TimeoutError:
             raise TimeoutError(
                 errno.ETIMEDOUT, f"egress: timed out reaching the proxy at {settings.proxy_text}"
@@ -403,7 +408,7 @@ def getaddrinfo(  # noqa: PLR0917 - socket.getaddrinfo's own signature
     else:
         raise socket.gaierror(socket.EAI_FAMILY, "ai_family not supported")
     kinds = [type] if type else [socket.SOCK_STREAM]
-    canon = name if flags & socket.AI_CANONNAME else ""
+    canon = name.rstrip(".") if flags & socket.AI_CANONNAME else ""
     results = []
     for kind in kinds:
         proto_for = proto or (

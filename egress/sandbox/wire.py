@@ -105,8 +105,10 @@ class ReplyReader:
             return self.reply
         if self._step == "record":  # a refusal whose record was cut short: the code still holds
             return self._finish(None)
-        if self._step in ("record-length",) and self._method == METHOD_NO_ACCEPTABLE:
-            return self._finish(None)  # a plain SOCKS5 server's "no acceptable method"
+        if self._step == "record-length":
+            # a plain server's "no acceptable method", or a refusal whose record never came:
+            # what is known (the method, the code) still says what happened
+            return self._finish(None)
         raise HandshakeError("the proxy closed the connection without answering")
 
     def _advance(self) -> None:
