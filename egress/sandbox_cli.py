@@ -41,8 +41,11 @@ def proxy_from_config(config: Config) -> str:
     if config.sandbox.proxy is not None:
         return str(config.sandbox.proxy)
     for address in config.proxy.socks5_listen:
-        if address.port and ip_address(address.host).is_loopback:
-            return str(address)
+        host = ip_address(address.host)
+        if host.is_unspecified:  # listening everywhere: loopback included
+            host = ip_address("127.0.0.1" if host.version == 4 else "::1")
+        if address.port and host.is_loopback:
+            return f"[{host}]:{address.port}" if host.version == 6 else f"{host}:{address.port}"
     raise EgressError(
         f"{config.source}: no sandbox.proxy and no loopback proxy.socks5_listen with a fixed"
         " port: the shim needs the proxy's SOCKS5 address (or give --proxy)"
@@ -64,20 +67,32 @@ def sandbox_environment(args: argparse.Namespace, environ: dict[str, str]) -> di
         env[ENV_LISTEN] = config.sandbox.listen.value
     if args.timeout is not None:
         env[ENV_TIMEOUT] = str(args.timeout)
+    if not env.get(ENV_PROXY):
+        raise EgressError("sandbox: give the proxy: --proxy 127.0.0.1:1080, or --config FILE")
     try:
         Settings.from_environ(env)
     except SandboxConfigError as exc:
-        raise EgressError(f"sandbox: {exc}") from None
+        given = "--proxy" if args.proxy and ENV_PROXY in str(exc) else None
+        given = given or ("--listen" if args.listen and ENV_LISTEN in str(exc) else None)
+        given = given or (
+            "--timeout" if args.timeout is not None and ENV_TIMEOUT in str(exc) else None
+        )
+        raise EgressError(f"sandbox: {given + ': ' if given else ''}{exc}") from None
     return env
 
 
-def unreadable_by_others(path: Path) -> Path | None:
-    """The first of ``path`` and its directories that other users cannot read (or enter)."""
-    if not path.stat().st_mode & stat.S_IROTH:
-        return path
-    for directory in path.parents:
+def unreadable_by_others(package: Path) -> Path | None:
+    """The first file of the shim under ``package`` (or directory on the way to it) that other
+    users cannot read (or enter): Python would skip the shim, or fail inside it, silently."""
+    for directory in (package, *package.parents):
         if not directory.stat().st_mode & stat.S_IXOTH:
             return directory
+    for path in sorted(package.rglob("*")):
+        if "__pycache__" in path.parts:
+            continue
+        needed = stat.S_IROTH | (stat.S_IXOTH if path.is_dir() else 0)
+        if path.stat().st_mode & needed != needed:
+            return path
     return None
 
 
@@ -92,6 +107,15 @@ def install_hook(site_dir: Path) -> Path:
     shutil.copytree(PACKAGE_DIR, target, ignore=shutil.ignore_patterns("__pycache__", "boot"))
     pth = site_dir / f"{HOOK_NAME}.pth"
     pth.write_text(f"import {HOOK_NAME}.auto\n")
+    # Every interpreter of the image must read it, whatever the umask or the source's modes.
+    for path in (pth, target, *target.rglob("*")):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    hidden = unreadable_by_others(target)
+    if hidden is not None:
+        raise EgressError(
+            f"sandbox --install-hook: {hidden} is not readable by other users, so apps would"
+            " run without the shim; make the site directory readable (chmod o+rx)"
+        )
     return pth
 
 
@@ -106,7 +130,7 @@ def _cmd_sandbox(args: argparse.Namespace) -> int:
     if not command:
         raise EgressError("sandbox: give the program to run after --, e.g. -- python app.py")
     env = sandbox_environment(args, dict(os.environ))
-    hidden = unreadable_by_others(BOOT_DIR / "sitecustomize.py")
+    hidden = unreadable_by_others(PACKAGE_DIR)
     if hidden is not None:
         print(
             f"egress: sandbox: warning: {hidden} is not readable by other users: a program"

@@ -411,6 +411,10 @@ class Socks5Server:
         raise Socks5ProtocolError(message, outcome=outcome, reply=reply)
 
 
+def _cut(text: str) -> str:
+    return text if len(text) <= MAX_RECORD_TEXT else text[: MAX_RECORD_TEXT - 3] + "..."
+
+
 def refusal_record(fields: Mapping[str, str | int | float | None]) -> bytes:
     """The reason record that follows a refusal under :data:`METHOD_EGRESS`.
 
@@ -418,7 +422,7 @@ def refusal_record(fields: Mapping[str, str | int | float | None]) -> bytes:
     Every text is cut to :data:`MAX_RECORD_TEXT` characters first, so even a text that is all
     escapes (six bytes a character) keeps the record under :data:`MAX_RECORD_BYTES`.
     """
-    shown = {k: v[:MAX_RECORD_TEXT] if isinstance(v, str) else v for k, v in fields.items()}
+    shown = {k: _cut(v) if isinstance(v, str) else v for k, v in fields.items()}
     body = json.dumps(shown, separators=(",", ":")).encode("ascii")
     if len(body) > MAX_RECORD_BYTES:
         raise ValueError(f"reason record of {len(body)} bytes: too many fields")

@@ -117,6 +117,8 @@ def destination_of(sock: socket.socket, address: Any) -> Destination:
         ip = ipaddress.ip_address(host.partition("%")[0])
     except ValueError:
         ip = None
+    if ip is None and _is_localhost(host):
+        ip = ipaddress.ip_address("127.0.0.1" if sock.family == socket.AF_INET else "::1")
     if ip is None:  # a name given straight to connect(): the kernel would have resolved it
         if not host:
             raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
@@ -400,6 +402,9 @@ def getaddrinfo(  # noqa: PLR0917 - socket.getaddrinfo's own signature
         raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
     name = _name_text(host)
     number = _port_number(port)
+    if _is_localhost(name):  # RFC 6761: loopback, answered here, as the system resolver would
+        loopback = "::1" if family == socket.AF_INET6 else "127.0.0.1"
+        return _orig_getaddrinfo(loopback, port, family, type, proto, flags | socket.AI_NUMERICHOST)
     address: tuple[str, int] | tuple[str, int, int, int]
     if family in {socket.AF_UNSPEC, socket.AF_INET}:
         af, address = socket.AF_INET, (NAMES.v4(name), number)
@@ -424,6 +429,11 @@ def getaddrinfo(  # noqa: PLR0917 - socket.getaddrinfo's own signature
     return results
 
 
+def _is_localhost(name: str) -> bool:
+    name = normalize(name)
+    return name == "localhost" or name.endswith(".localhost")
+
+
 def _as_text(host: str | bytes) -> str:
     return host.decode("ascii", "replace") if isinstance(host, bytes) else host
 
@@ -431,14 +441,15 @@ def _as_text(host: str | bytes) -> str:
 def gethostbyname(host: str) -> str:
     if _numeric(host):
         return _orig_gethostbyname(host)
-    return NAMES.v4(_name_text(host))
+    name = _name_text(host)
+    return "127.0.0.1" if _is_localhost(name) else NAMES.v4(name)
 
 
 def gethostbyname_ex(host: str) -> tuple[str, list[str], list[str]]:
     if _numeric(host):
         return _orig_gethostbyname_ex(host)
     name = _name_text(host)
-    return name, [], [NAMES.v4(name)]
+    return name, [], [gethostbyname(name)]
 
 
 def gethostbyaddr(host: str) -> tuple[str, list[str], list[str]]:

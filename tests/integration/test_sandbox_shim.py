@@ -426,11 +426,16 @@ def test_install_hook_puts_the_shim_in_every_interpreter_of_a_venv(node: Node) -
             [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
             capture_output=True, text=True, check=True, timeout=30,
         ).stdout.strip()  # fmt: skip
-        installed = run_egress("sandbox", "--install-hook", site)
+        subprocess.run(["chmod", "-R", "a+rX", str(venv)], check=True, timeout=30)
+        # under a strict umask: what it installs must still be readable by every app uid
+        installed = subprocess.run(
+            ["sh", "-c", 'umask 077 && exec "$@"', "sh",
+             *egress_command("sandbox", "--install-hook", site)],
+            cwd=REPO, capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
         assert installed.returncode == 0, installed.stderr
         assert (Path(site) / "egress_sandbox.pth").read_text() == "import egress_sandbox.auto\n"
         assert not (Path(site) / "egress_sandbox" / "boot").exists()
-        subprocess.run(["chmod", "-R", "a+rX", str(venv)], check=True, timeout=30)
         host, port = node.socks()
         environment = {"PATH": "/usr/bin:/bin", "EGRESS_SANDBOX_PROXY": f"{host}:{port}"}
         with script(HOOK_APP) as path:
@@ -925,6 +930,38 @@ def test_name_functions_answer_without_dns_and_the_proxy_resolves(node: Node) ->
     (record,) = node.records_since(before)
     assert (record["dest"], record["dialed"]) == (f"names.test:{echo}", f"127.0.0.1:{echo}")
     assert sorted(node.dns.queries) == [("names.test", "A"), ("names.test", "AAAA")]
+
+
+LOCALHOST_APP = """
+from socket import SOCK_STREAM
+ECHO = PORTS["echo"]
+named = socket.socket()
+named.connect(("localhost", ECHO))  # a name straight to connect(), as the kernel would take it
+done({
+    "getaddrinfo": [i[4][:2] for i in socket.getaddrinfo("localhost", ECHO, type=SOCK_STREAM)],
+    "getaddrinfo_v6": [
+        i[4][:2] for i in socket.getaddrinfo("LocalHost.", ECHO, socket.AF_INET6, SOCK_STREAM)
+    ],
+    "sub": socket.gethostbyname("app.localhost"),
+    "echo": attempt(echo_over, socket.create_connection(("localhost", ECHO))),
+    "direct": attempt(echo_over, named),
+})
+"""
+
+
+def test_localhost_is_loopback_without_dns(node: Node) -> None:
+    """RFC 6761: ``localhost`` and names under it are loopback. The shim answers them itself
+    (as the system resolver does from /etc/hosts), so a connect goes to the proxy as
+    127.0.0.1, never as a name the proxy's DNS cannot resolve."""
+    before = node.mark()
+    seen = app(node, LOCALHOST_APP)
+    echo = node.echo.port
+    assert seen["getaddrinfo"] == [["127.0.0.1", echo]]
+    assert seen["getaddrinfo_v6"] == [["::1", echo]]
+    assert seen["sub"] == "127.0.0.1"
+    assert seen["echo"] == echoed() and seen["direct"] == echoed()
+    records = node.records_since(before)
+    assert [(r["dest"], r["reason"]) for r in records] == [(f"127.0.0.1:{echo}", "allowed")] * 2
 
 
 NETNS_APP = """
