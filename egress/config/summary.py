@@ -86,6 +86,9 @@ def summarize(config: Config) -> str:
         f"firewall: {fw.mode} mode, backend {fw.backend}, every {_s(fw.interval)};"
         f" sandbox uids {_uid_list(fw.sandbox_uids)}"
     )
+    sandbox = config.sandbox
+    shown_proxy = sandbox.proxy or "the first loopback socks5_listen"
+    lines.append(f"sandbox: shim to {shown_proxy}; bind/listen {sandbox.listen}")
     target = "stderr" if config.log.connection_log == "-" else config.log.connection_log
     lines.append(f"log: level {config.log.level}, connections to {target}")
     lines.append(f"apps: {len(config.apps)}")

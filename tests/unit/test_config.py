@@ -720,6 +720,7 @@ def test_sandbox_defaults_and_keys(tmp_path: Path) -> None:
     text = MINIMAL + '[sandbox]\nproxy = "[::1]:1081"\nlisten = "none"\n'
     config = load_config(write(tmp_path, text))
     assert config.sandbox == SandboxConfig(ListenAddress("::1", 1081), SandboxListen.NONE)
+    assert "sandbox: shim to [::1]:1081; bind/listen none" in summarize(config).splitlines()
 
 
 @pytest.mark.parametrize(
