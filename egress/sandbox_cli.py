@@ -101,6 +101,14 @@ def install_hook(site_dir: Path) -> Path:
     in every interpreter using that site directory."""
     if not site_dir.is_dir():
         raise EgressError(f"sandbox --install-hook: {site_dir} is not a directory")
+    owner = site_dir.stat()
+    if owner.st_uid != os.geteuid() or owner.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        # Someone else could plant links there that this (root) process would write through.
+        raise EgressError(
+            f"sandbox --install-hook: {site_dir} is owned by uid {owner.st_uid} or writable by"
+            f" others (mode {stat.filemode(owner.st_mode)}): install as its owner into a"
+            " directory only its owner can write"
+        )
     target = site_dir / HOOK_NAME
     if target.exists():
         shutil.rmtree(target)

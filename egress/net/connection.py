@@ -536,6 +536,9 @@ def _identity_detail(exc: BaseException) -> str:
     return f"identity lookup failed: {text}"[:200]
 
 
+_LASTING_REFUSALS = frozenset({Outcome.UNKNOWN_CLIENT, Outcome.IDENTITY_ERROR})
+
+
 class Socks5Connection(ClientConnection):
     """SOCKS5 (RFC 1928) with optional RFC 1929 username/password, over TCP or a Unix socket."""
 
@@ -601,7 +604,12 @@ class Socks5Connection(ClientConnection):
             method = socks5.METHOD_USERNAME_PASSWORD  # credentials offered but not needed: accepted
         else:
             method = socks5.METHOD_NO_ACCEPTABLE
-        self._reasons = socks5.METHOD_EGRESS in greeting.methods
+        # Records follow refusals under the private method only, and the "no acceptable
+        # method" a client that offered it gets; never after a method it did not choose.
+        offered = socks5.METHOD_EGRESS in greeting.methods
+        self._reasons = method == socks5.METHOD_EGRESS or (
+            offered and method == socks5.METHOD_NO_ACCEPTABLE
+        )
         reply = self._parser.choose_method(method)
         if method == socks5.METHOD_NO_ACCEPTABLE:
             self.outcome = Outcome.AUTH_REQUIRED
@@ -625,6 +633,11 @@ class Socks5Connection(ClientConnection):
     def accept_refusal(self, outcome: Outcome, detail: str) -> bytes:
         # Written before the greeting is read, so it answers any greeting: "no acceptable
         # method" (a plain client stops there) and the record, which only the shim reads.
+        # Only for refusals that last (who the client is); the caps are transient and a plain
+        # client would take "no acceptable method" for a permanent failure, so they stay a
+        # bare reset (which also tells a stranger nothing about the node's load).
+        if outcome not in _LASTING_REFUSALS:
+            return b""
         fields = self.reason_fields(outcome, detail, None)
         return bytes((socks5.SOCKS_VERSION, socks5.METHOD_NO_ACCEPTABLE)) + socks5.refusal_record(
             fields

@@ -100,6 +100,7 @@ def _make_sock_connect(original: Any) -> Any:
         await handshake(self, sock, patch.destination_of(sock, address))
         return None
 
+    sock_connect._egress_shim = True  # type: ignore[attr-defined]
     return sock_connect
 
 
@@ -197,7 +198,7 @@ async def _first_connected(
 # --- install -----------------------------------------------------------------------------------
 def _patch_uvloop(module: types.ModuleType) -> None:
     loop_class = getattr(module, "Loop", None)
-    if loop_class is None:
+    if loop_class is None or getattr(loop_class.sock_connect, "_egress_shim", False):
         return
     patch._patch(loop_class, "sock_connect", _make_sock_connect(loop_class.sock_connect))
     patch._patch(loop_class, "getaddrinfo", _make_getaddrinfo())
@@ -230,12 +231,41 @@ class _UvloopFinder(importlib.abc.MetaPathFinder):
 _finder = _UvloopFinder()
 
 
+def _make_set_running_loop(original: Any) -> Any:
+    """Every loop is checked when it starts running: uvloop imported past the import hook (a
+    hook ahead of ours) is patched then, and a loop that would connect around the shim (one
+    that does not connect through a patched ``sock_connect``, such as ``uvloop.loop.Loop``
+    itself) fails to start rather than run unconfined."""
+
+    def _set_running_loop(loop: asyncio.AbstractEventLoop | None) -> None:
+        if loop is not None:
+            check_loop(loop)
+        original(loop)
+
+    return _set_running_loop
+
+
+def check_loop(loop: asyncio.AbstractEventLoop) -> None:
+    uvloop = sys.modules.get("uvloop")
+    if uvloop is not None:
+        _patch_uvloop(uvloop)
+    if not getattr(type(loop).sock_connect, "_egress_shim", False):
+        name = f"{type(loop).__module__}.{type(loop).__qualname__}"
+        raise RuntimeError(
+            f"egress: the event loop {name} connects around the sandbox shim; use asyncio's"
+            " own loops or uvloop.new_event_loop() / uvloop.run()"
+        )
+
+
 def install() -> None:
     selector_loop = asyncio.selector_events.BaseSelectorEventLoop
     patch._patch(selector_loop, "sock_connect", _make_sock_connect(selector_loop.sock_connect))
     base = asyncio.base_events.BaseEventLoop
     patch._patch(base, "getaddrinfo", _make_getaddrinfo())
     patch._patch(base, "getnameinfo", _make_getnameinfo())
+    wrapped = _make_set_running_loop(asyncio.events._set_running_loop)
+    patch._patch(asyncio.events, "_set_running_loop", wrapped)
+    patch._patch(asyncio, "_set_running_loop", wrapped)  # what uvloop takes at its import
     if "uvloop" in sys.modules:
         _patch_uvloop(sys.modules["uvloop"])
     elif _finder not in sys.meta_path:

@@ -105,7 +105,7 @@ def destination_of(sock: socket.socket, address: Any) -> Destination:
     host, port = address[0], address[1]
     if isinstance(host, bytes):
         host = host.decode("idna")
-    if not isinstance(host, str) or not isinstance(port, int):
+    if not isinstance(host, str) or not isinstance(port, int) or isinstance(port, bool):
         raise TypeError(f"address must be (str, int), not {address!r}")
     if not 0 < port <= 0xFFFF:
         raise OverflowError("connect(): port must be 1-65535.")
@@ -120,14 +120,15 @@ def destination_of(sock: socket.socket, address: Any) -> Destination:
     if ip is None and _is_localhost(host):
         ip = ipaddress.ip_address("127.0.0.1" if sock.family == socket.AF_INET else "::1")
     if ip is None:  # a name given straight to connect(): the kernel would have resolved it
-        if not host:
-            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        host = _name_text(host)  # what getaddrinfo would refuse is refused here, before any I/O
         synthetic = NAMES.v4(host) if sock.family == socket.AF_INET else NAMES.v6(host)
         peer: Any = (synthetic, port) if sock.family == socket.AF_INET else (synthetic, port, 0, 0)
         return Destination(normalize(host), port, peer)
     if sock.family == socket.AF_INET and ip.version != 4:
         raise OSError(errno.EAFNOSUPPORT, "Address family not supported by protocol")
-    peer = (str(ip), port) if sock.family == socket.AF_INET else (str(ip), port, *address[2:4])
+    # the peer as the kernel would format it (inet_ntop: "::ffff:127.0.0.1", not ::ffff:7f00:1)
+    shown = socket.inet_ntop(socket.AF_INET6 if ip.version == 6 else socket.AF_INET, ip.packed)
+    peer = (shown, port) if sock.family == socket.AF_INET else (shown, port, *address[2:4])
     if sock.family == socket.AF_INET6 and len(peer) == 2:
         peer = (*peer, 0, 0)
     name = NAMES.name_for(ip)
@@ -294,6 +295,8 @@ def refused_kind(family: int, kind: int) -> str | None:
 
 
 def _bind(self: socket.socket, address: Any) -> None:
+    if proxied(self) and isinstance(address, tuple) and address and isinstance(address[0], str):
+        address = (_bind_host(self, address[0]), *address[1:])
     policy = _State.settings.listen if _State.settings is not None else "none"
     if proxied(self) and policy != "any" and isinstance(address, tuple) and len(address) >= 2:
         host, port = address[0], address[1]
@@ -306,6 +309,20 @@ def _bind(self: socket.socket, address: Any) -> None:
                     f"={policy}; {'port 0 only' if policy == 'none' else 'loopback only'})",
                 )
     return _real_bind(self, address)
+
+
+def _bind_host(sock: socket.socket, host: str) -> str:
+    """bind() would resolve a name in C (a DNS query): loopback names are answered here, the
+    empty host is "any", and any other name is refused."""
+    if not host or _numeric(host) or host == "<broadcast>":
+        return host
+    if _is_localhost(host):
+        return "::1" if sock.family == socket.AF_INET6 else "127.0.0.1"
+    raise socket.gaierror(
+        socket.EAI_NONAME,
+        f"egress: bind() to the name {host!r} would need DNS, which the sandbox has none of:"
+        " bind to an address",
+    )
 
 
 def _listen(self: socket.socket, *backlog: int) -> None:

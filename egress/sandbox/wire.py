@@ -109,7 +109,11 @@ class ReplyReader:
             # a plain server's "no acceptable method", or a refusal whose record never came:
             # what is known (the method, the code) still says what happened
             return self._finish(None)
-        raise HandshakeError("the proxy closed the connection without answering")
+        raise HandshakeError(
+            "the proxy closed the connection without answering (it does that when it is at"
+            " proxy.max_connections or this app's max_handshakes_per_app: try again; its"
+            " connection log says which)"
+        )
 
     def _advance(self) -> None:
         buffer, step = self._buffer, self._step
@@ -151,9 +155,9 @@ class ReplyReader:
         elif step == "record":
             try:
                 record = json.loads(buffer.decode("ascii"))
-            except (UnicodeDecodeError, ValueError) as exc:
-                raise HandshakeError(f"unreadable reason record: {exc}") from None
-            self._finish(record if isinstance(record, dict) else None)
+            except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+                raise HandshakeError(f"unreadable reason record: {type(exc).__name__}") from None
+            self._finish(_checked(record) if isinstance(record, dict) else None)
 
     def _next(self, step: str, want: int) -> None:
         self._step, self._buffer, self.want = step, b"", want
@@ -162,3 +166,26 @@ class ReplyReader:
         self.want = 0
         self.reply = Reply(self._method, self._code, record)
         return self.reply
+
+
+_TEXT_FIELDS: Final = ("reason", "decision", "app", "destination", "detail")
+_SHOWN: Final = frozenset(range(0x20, 0x7F))
+
+
+def _checked(record: dict[str, Any]) -> dict[str, Any]:
+    """Only the fields the shim knows, in the shapes it expects: printable ASCII texts of at
+    most 200 characters, a uid, a finite wait of at most an hour. Whatever answers on the
+    proxy's port cannot put control sequences in an app's exception or an infinite sleep in
+    its retry loop."""
+    checked: dict[str, Any] = {}
+    for key in _TEXT_FIELDS:
+        value = record.get(key)
+        if isinstance(value, str):
+            checked[key] = "".join(c if ord(c) in _SHOWN else "?" for c in value[:200])
+    uid = record.get("uid")
+    if isinstance(uid, int) and not isinstance(uid, bool) and 0 <= uid < 2**32:
+        checked["uid"] = uid
+    wait = record.get("retry_after")
+    if isinstance(wait, int | float) and not isinstance(wait, bool) and 0 <= wait <= 3600:
+        checked["retry_after"] = float(wait)
+    return checked

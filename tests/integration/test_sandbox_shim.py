@@ -546,6 +546,59 @@ def test_an_images_own_sitecustomize_still_runs_after_the_shim(node: Node) -> No
     assert seen["boot_on_path"] == []
 
 
+SHADOW_APP = """
+s = socket.create_connection(("127.0.0.1", PORTS["echo"]))
+done({"patched": socket.socket.connect.__module__, "echo": attempt(echo_over, s),
+      "denied": attempt(socket.create_connection, ("no-rule.example", 443))})
+"""
+
+
+def test_an_app_module_named_like_the_stdlib_does_not_keep_the_shim_out(node: Node) -> None:
+    """The shim loads with only the standard library on sys.path: an ``ipaddress.py`` of the
+    app's own, first on PYTHONPATH, neither breaks it nor leaves the app unpatched."""
+    image = world_readable_dir()
+    try:
+        (image / "ipaddress.py").write_text("raise ImportError('the app shadows ipaddress')\n")
+        (image / "ipaddress.py").chmod(0o644)
+        pythonpath = f"{image}{os.pathsep}{shim_dir() / 'boot'}"
+        seen = app(node, SHADOW_APP, env={"PYTHONPATH": pythonpath})
+    finally:
+        shutil.rmtree(image, ignore_errors=True)
+    assert seen["patched"] == "egress_sandbox.patch"
+    assert seen["echo"] == echoed()
+    assert seen["denied"]["error"] == "EgressDenied"
+
+
+BROKEN_APP = """
+left, right = socket.socketpair()  # AF_UNIX is not the shim's
+left.sendall(b"x")
+done({"unix": right.recv(1).decode(),
+      "tcp": attempt(socket.create_connection, ("127.0.0.1", PORTS["echo"])),
+      "ex": socket.socket().connect_ex(("127.0.0.1", PORTS["echo"]))})
+"""
+
+
+def test_a_shim_that_fails_to_start_closes_outbound_connections(node: Node) -> None:
+    """Whatever breaks while the shim starts (here: one of its modules raises on import),
+    TCP connects are refused, not left unpatched; the app still starts."""
+    broken = world_readable_dir()
+    before = node.mark()
+    try:
+        shutil.copytree(shim_dir(), broken / "sandbox")
+        (broken / "sandbox" / "aio.py").write_text("raise ImportError('simulated breakage')\n")
+        subprocess.run(["chmod", "-R", "a+rX", str(broken)], check=True, timeout=30)
+        seen = app(node, BROKEN_APP, env={"PYTHONPATH": str(broken / "sandbox" / "boot")})
+    finally:
+        shutil.rmtree(broken, ignore_errors=True)
+    assert seen["unix"] == "x"
+    assert seen["tcp"]["error"] == "PermissionError"
+    assert (
+        "sandbox shim failed to start (ImportError: simulated breakage)" in seen["tcp"]["message"]
+    )
+    assert seen["ex"] == errno.EACCES
+    assert node.records_since(before) == []  # nothing reached the proxy
+
+
 # --- 2. connect modes ------------------------------------------------------------------------
 SYNC_APP = """
 import selectors, threading
@@ -1390,3 +1443,65 @@ def test_the_shim_loads_only_the_standard_library(node: Node) -> None:
     assert seen["loaded"] == []
     assert "egress_sandbox" in seen["shim"] and "egress_sandbox.patch" in seen["shim"]
     assert seen["patched"] == "egress_sandbox.patch"
+
+
+# --- what a security review found around the edges -------------------------------------------
+EDGES_APP = """
+import asyncio, importlib.machinery, uvloop.loop as _probe  # noqa
+out = {}
+s = socket.socket()
+s.bind(("localhost", 0))
+out["bind_localhost"] = s.getsockname()[0]
+s.close()
+out["bind_name"] = attempt(lambda: socket.socket().bind(("exfil.example", 0)))
+
+async def denied():
+    await asyncio.open_connection("no-rule.example", 443)
+
+out["cdef_loop"] = attempt(_probe.Loop().run_until_complete, denied())
+done(out)
+"""
+
+HOOK_AHEAD_APP = """
+import asyncio, importlib.machinery, sys
+
+class Plain:
+    '''An import hook ahead of the shim's, as some tools install: uvloop is imported past it.'''
+    def find_spec(self, name, path, target=None):
+        return importlib.machinery.PathFinder.find_spec(name, path) if name == "uvloop" else None
+
+sys.meta_path.insert(0, Plain())
+import uvloop
+
+async def denied():
+    await asyncio.open_connection("no-rule.example", 443)
+
+done({"denied": attempt(uvloop.run, denied())})
+"""
+
+
+def test_bind_to_a_name_never_asks_dns_and_odd_event_loops_fail_closed(node: Node) -> None:
+    """bind() would resolve a name in C: localhost is loopback, any other name is refused.
+    uvloop's C base loop connects around ``sock_connect``: it refuses to start."""
+    seen = app(node, EDGES_APP)
+    assert seen["bind_localhost"] == "127.0.0.1"
+    assert seen["bind_name"]["error"] == "gaierror"
+    assert "would need DNS" in seen["bind_name"]["message"]
+    assert seen["cdef_loop"]["error"] == "RuntimeError"
+    assert "connects around the sandbox shim" in seen["cdef_loop"]["message"]
+
+
+def test_uvloop_imported_past_the_shims_hook_is_patched_when_its_loop_starts(node: Node) -> None:
+    seen = app(node, HOOK_AHEAD_APP)
+    assert seen["denied"]["error"] == "EgressDenied"
+
+
+def test_install_hook_refuses_a_directory_others_can_write(tmp_path: Path) -> None:
+    """Run as root, --install-hook must not write through links a tenant planted."""
+    shared = tmp_path / "site"
+    shared.mkdir()
+    shared.chmod(0o777)
+    result = run_egress("sandbox", "--install-hook", str(shared))
+    assert result.returncode == 2
+    assert "writable by others" in result.stderr
+    assert list(shared.iterdir()) == []

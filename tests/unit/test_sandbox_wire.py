@@ -156,10 +156,15 @@ def test_without_egress_method_a_refusal_has_no_record(feeding: Splitter) -> Non
     assert unread == b"\x00\x10"
 
 
+def kept(fields: dict[str, Any]) -> dict[str, Any]:
+    """A record as the shim keeps it: known fields with values of the expected shapes."""
+    return {k: v for k, v in fields.items() if v is not None}
+
+
 def test_refused_at_accept_is_05_ff_and_a_record(feeding: Splitter) -> None:
     fields = {"reason": "unknown_client", "uid": 10999, "app": None}
     reply, unread = drive(b"\x05\xff" + record_bytes(fields), feeding)
-    assert reply == Reply(0xFF, None, fields)
+    assert reply == Reply(0xFF, None, kept(fields))
     assert unread == b""
 
 
@@ -222,8 +227,37 @@ def test_a_record_of_exactly_max_record_bytes_is_read() -> None:
     body = b'{"detail":"' + b"x" * (wire.MAX_RECORD_BYTES - 13) + b'"}'
     assert len(body) == wire.MAX_RECORD_BYTES
     reply, unread = drive(failure(0x02, len(body).to_bytes(2, "big") + body), lambda d: [d])
-    assert reply.record == {"detail": "x" * (wire.MAX_RECORD_BYTES - 13)}
+    assert reply.record == {"detail": "x" * 200}  # kept, and cut to what a message shows
     assert unread == b""
+
+
+@pytest.mark.parametrize(
+    ("record", "kept_fields"),
+    [
+        (b"[" * 5000, None),  # nesting deep enough to exhaust the parser's recursion
+        (
+            b'{"app": "a\\u001b[2J\\u202eb\\nc", "reason": "not_allowed"}',
+            {"app": "a?[2J?b?c", "reason": "not_allowed"},
+        ),
+        (b'{"retry_after": 1e999, "uid": true}', {}),
+        (b'{"retry_after": -1, "uid": -5}', {}),
+        (b'{"retry_after": 7200}', {}),
+        (b'{"retry_after": 1.5, "uid": 10001, "other": "x"}', {"retry_after": 1.5, "uid": 10001}),
+    ],
+    ids=["deep", "control-characters", "infinite", "negative", "too-long-a-wait", "extra-keys"],
+)
+def test_a_hostile_record_cannot_reach_the_app_as_it_is(
+    record: bytes, kept_fields: dict[str, Any] | None
+) -> None:
+    """Whatever answers on the proxy's port: no control sequences in an exception, no infinite
+    or negative wait for a retry loop, no crash of the parser."""
+    stream = failure(0x02, len(record).to_bytes(2, "big") + record)
+    if kept_fields is None:
+        with pytest.raises(HandshakeError, match="unreadable reason record"):
+            drive(stream, lambda d: [d])
+        return
+    reply, _ = drive(stream, lambda d: [d])
+    assert reply.record == kept_fields
 
 
 def test_a_record_that_is_not_an_object_is_ignored() -> None:
@@ -346,7 +380,7 @@ def test_the_shim_decodes_a_refusal_at_accept(outcome: Outcome, feeding: Splitte
     fields |= {"app": None, "uid": 10999, "destination": None}
     answer = bytes((socks5.SOCKS_VERSION, socks5.METHOD_NO_ACCEPTABLE))
     reply, _ = drive(answer + socks5.refusal_record(fields), feeding)
-    assert reply == Reply(0xFF, None, fields)
+    assert reply == Reply(0xFF, None, kept(fields))
     error = error_for(reply, "api.example.com:443", PROXY)
     assert type(error) is kind
     assert text in str(error), str(error)
