@@ -32,7 +32,7 @@ SYSTEM_PYTHON = "/usr/bin/python3"
 _BOOTSTRAP_UV = "egress-bootstrap/bin/uv"  # where scripts/bootstrap.sh installs uv
 
 
-def _uv() -> str:
+def uv_path() -> str:
     for candidate in (
         os.environ.get("UV"),
         shutil.which("uv"),
@@ -52,7 +52,7 @@ def app_python() -> str:
     home = Path(tempfile.gettempdir()) / f"egress-appenv-{key}"  # reused by later runs
     python = home / "bin" / "python"
     if not python.exists():
-        uv = _uv()
+        uv = uv_path()
         subprocess.run([uv, "venv", "-q", "--python", base, str(home)], check=True, timeout=300)
         subprocess.run(
             [uv, "pip", "install", "-q", "--python", str(python), *pins], check=True, timeout=600
