@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from . import patch
-from .errors import error_for, proxy_unreachable
+from .errors import proxy_garbled, proxy_unreachable
 from .wire import HandshakeError, ReplyReader, connect_request
 
 __all__ = ["install", "uninstall"]
@@ -50,19 +50,10 @@ async def handshake(
                 data = await loop.sock_recv(sock, reader.want)
             except ConnectionResetError:
                 data = b""
-            if not data:
-                reader.eof()
-                break
-            reader.feed(data)
+            reader.take(data)
     except HandshakeError as exc:
-        raise ConnectionAbortedError(
-            errno.ECONNABORTED, f"egress: the proxy at {settings.proxy_text}: {exc}"
-        ) from None
-    reply = reader.reply
-    assert reply is not None
-    if not reply.ok:
-        raise error_for(reply, dest.text, settings.proxy_text)
-    patch.remember_peer(sock, dest)
+        raise proxy_garbled(settings.proxy_text, exc) from None
+    patch.settle(sock, dest, reader.reply, settings)
 
 
 async def _connect_raw(loop: asyncio.AbstractEventLoop, sock: socket.socket, address: Any) -> None:

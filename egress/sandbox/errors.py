@@ -21,7 +21,7 @@ from typing import Any
 
 from .wire import REPLY_TEXT, Reply
 
-__all__ = ["EgressDenied", "EgressRateLimited", "error_for", "proxy_unreachable"]
+__all__ = ["EgressDenied", "EgressRateLimited", "error_for", "proxy_garbled", "proxy_unreachable"]
 
 # Short texts for the parenthesis of a denial, by reason.
 _DENIAL_TEXT = {
@@ -68,6 +68,11 @@ def proxy_unreachable(proxy: str, destination: str, cause: OSError) -> Connectio
         f"egress: cannot reach the egress proxy at {proxy} ({why}) to connect to {destination};"
         " is `egress proxy` running with that socks5_listen?",
     )
+
+
+def proxy_garbled(proxy: str, cause: Exception) -> ConnectionAbortedError:
+    """What answered on the proxy's port did not speak the handshake."""
+    return ConnectionAbortedError(errno.ECONNABORTED, f"egress: the proxy at {proxy}: {cause}")
 
 
 def error_for(reply: Reply, destination: str, proxy: str) -> OSError:

@@ -33,10 +33,10 @@ import time
 from collections.abc import Callable
 from typing import Any, Final
 
-from .errors import error_for, proxy_unreachable
+from .errors import error_for, proxy_garbled, proxy_unreachable
 from .names import NameTable, normalize
 from .settings import Settings
-from .wire import HandshakeError, ReplyReader, connect_request
+from .wire import HandshakeError, Reply, ReplyReader, connect_request
 
 __all__ = ["Destination", "install", "installed", "uninstall"]
 
@@ -184,17 +184,16 @@ def handshake_blocking(sock: socket.socket, dest: Destination) -> None:
                 continue
             except ConnectionResetError:
                 data = b""
-            if not data:
-                reader.eof()
-                break
-            reader.feed(data)
-        reply = reader.reply
+            reader.take(data)
     except HandshakeError as exc:
-        raise ConnectionAbortedError(
-            errno.ECONNABORTED, f"egress: the proxy at {settings.proxy_text}: {exc}"
-        ) from None
+        raise proxy_garbled(settings.proxy_text, exc) from None
     finally:
         sock.settimeout(saved)
+    settle(sock, dest, reader.reply, settings)
+
+
+def settle(sock: socket.socket, dest: Destination, reply: Reply | None, settings: Settings) -> None:
+    """The handshake is over: raise the refusal, or remember whom the app asked for."""
     assert reply is not None
     if not reply.ok:
         raise error_for(reply, dest.text, settings.proxy_text)

@@ -99,6 +99,13 @@ class ReplyReader:
         if self.want == 0:
             self._advance()
 
+    def take(self, data: bytes) -> None:
+        """What one read returned: bytes to feed, or ``b""`` for the proxy's close."""
+        if data:
+            self.feed(data)
+        else:
+            self.eof()
+
     def eof(self) -> Reply:
         """The proxy closed: the answer so far, or :class:`HandshakeError` if there is none."""
         if self.reply is not None:

@@ -1097,22 +1097,24 @@ def test_a_rate_limited_refusal_under_the_private_method_carries_the_wait() -> N
     run(main())
 
 
+CREDENTIALS_RULES = {
+    "app": [
+        {
+            "name": "blog",
+            "uids": [APP_UID],
+            "allow": ["api.example.com:443"],
+            "proxy_auth": {"username": "u", "password_sha256": "0" * 64},
+        }
+    ]
+}
+
+
 def test_no_record_follows_a_method_the_client_chose_other_than_0xe5() -> None:
     """A client offering 0xE5 and username/password to an app that needs credentials gets
     username/password, and its refusals are plain RFC 1928/1929 bytes."""
 
     async def main() -> None:
-        rules = {
-            "app": [
-                {
-                    "name": "blog",
-                    "uids": [APP_UID],
-                    "allow": ["api.example.com:443"],
-                    "proxy_auth": {"username": "u", "password_sha256": "0" * 64},
-                }
-            ]
-        }
-        h = Harness(snapshot=make_snapshot(data=rules))
+        h = Harness(snapshot=make_snapshot(data=CREDENTIALS_RULES))
         _, client = h.accept(Socks5Connection)
         client.feed(b"\x05\x02\xe5\x02" + b"\x01\x01u\x01p")
         await h.log.wait_for(1)
@@ -1138,17 +1140,7 @@ def test_an_app_that_needs_credentials_tells_the_shim_so() -> None:
     """The shim sends no credentials: 'no acceptable method' and the record saying why."""
 
     async def main() -> None:
-        rules = {
-            "app": [
-                {
-                    "name": "blog",
-                    "uids": [APP_UID],
-                    "allow": ["api.example.com:443"],
-                    "proxy_auth": {"username": "u", "password_sha256": "0" * 64},
-                }
-            ]
-        }
-        h = Harness(snapshot=make_snapshot(data=rules))
+        h = Harness(snapshot=make_snapshot(data=CREDENTIALS_RULES))
         _, client = h.accept(Socks5Connection)
         egress_request(client, "api.example.com", 443)
         [record] = await h.log.wait_for(1)
