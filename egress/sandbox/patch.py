@@ -230,14 +230,9 @@ def _connect_ex(self: socket.socket, address: Any) -> int:
 
 def _getpeername(self: socket.socket) -> Any:
     entry = _peers.get(self.fileno())
-    if entry is not None:
-        own, asked = entry
-        try:
-            if real_getsockname(self) == own:
-                real_getpeername(self)  # still connected: ENOTCONN as usual when not
-                return asked
-        except OSError:
-            raise
+    if entry is not None and real_getsockname(self) == entry[0]:  # not a reused descriptor
+        real_getpeername(self)  # still connected: ENOTCONN as usual when not
+        return entry[1]
     return real_getpeername(self)
 
 
