@@ -2,7 +2,8 @@
 
 Exit codes: 0 success, 1 a check that found a problem (firewall status), 2 a bad config or a
 failed start, 130 interrupted. ``egress rules`` has its own table (``egress rules --help``):
-3 no such app, 4 a conflict, 5 the store is unavailable.
+3 no such app, 4 a conflict, 5 the store is unavailable. Every ``--config`` defaults to
+/etc/egress/egress.toml.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from egress import __version__, oplog
-from egress.config import load_config, summarize
+from egress.config import DEFAULT_CONFIG_PATH, load_config, summarize
 from egress.config.lint import warnings_for
 from egress.errors import ConfigError, EgressError
 from egress.firewall.cli import add_firewall_commands
@@ -77,10 +78,7 @@ def _cmd_proxy(args: argparse.Namespace) -> int:
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
-    path = args.config or args.file
-    if path is None:
-        raise EgressError("check-config: give the file, as --config FILE (or FILE)")
-    config = load_config(path)
+    config = load_config(args.config or args.file or DEFAULT_CONFIG_PATH)
     print(summarize(config))
     warnings = warnings_for(config)
     for warning in warnings:
@@ -103,7 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     proxy = sub.add_parser("proxy", help="run the egress proxy")
-    proxy.add_argument("--config", required=True, help="TOML config file")
+    proxy.add_argument(
+        "--config",
+        default=DEFAULT_CONFIG_PATH,
+        help=f"TOML config file (default: {DEFAULT_CONFIG_PATH})",
+    )
     proxy.add_argument(
         "--loop",
         choices=("auto", "uvloop", "asyncio"),
@@ -116,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
         "check-config",
         help="validate a config file, print a summary and warnings (exit 0), errors (exit 2)",
     )
-    check.add_argument("--config", help="TOML config file")
+    check.add_argument("--config", help=f"TOML config file (default: {DEFAULT_CONFIG_PATH})")
     check.add_argument("file", nargs="?", help="the same, positionally")
     check.set_defaults(handler=_cmd_check_config)
     add_firewall_commands(sub)

@@ -1,9 +1,9 @@
 """``egress rules ...``: operators read, edit and question the rule store from a shell.
 
-Every command takes ``--config FILE`` (the store it names: the file's own ``[[app]]`` tables by
-default, or Redis with ``[rules].store = "redis"``) and ``--json`` (machine output on stdout;
-errors become one JSON object on stderr). Edits go through the store's one validator and leave
-an audit record naming the OS user who ran the command.
+Every command takes ``--config FILE`` (default ``/etc/egress/egress.toml``; the store it names:
+the file's own ``[[app]]`` tables, or Redis with ``[rules].store = "redis"``) and ``--json``
+(machine output on stdout; errors become one JSON object on stderr). Edits go through the
+store's one validator and leave an audit record naming the OS user who ran the command.
 
 Exit codes (scripts may rely on them):
 
@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 from egress import stores
-from egress.config import Config, load_config
+from egress.config import DEFAULT_CONFIG_PATH, Config, load_config
 from egress.config.reader import _syntax_problem
 from egress.errors import EgressError
 from rules.addresses import show
@@ -140,7 +140,11 @@ def _error_kind(error: BaseException) -> str:
 def add_rules_commands(subparsers: Any) -> None:
     """Add ``rules`` with its subcommands to the ``egress`` parser's subparsers."""
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", required=True, help="TOML config file (names the store)")
+    common.add_argument(
+        "--config",
+        default=DEFAULT_CONFIG_PATH,
+        help=f"TOML config file, naming the store (default: {DEFAULT_CONFIG_PATH})",
+    )
     common.add_argument("--json", action="store_true", help="machine output (JSON on stdout)")
     rules = subparsers.add_parser(
         "rules",

@@ -4,7 +4,8 @@ The program is exec'd (it replaces this process, so signals and the exit status 
 with the shim's ``boot/`` directory first on ``PYTHONPATH`` and the ``EGRESS_SANDBOX_*``
 settings in its environment; Python children it starts inherit both. The settings come from
 the flags, else from ``[sandbox]`` and ``proxy.socks5_listen`` of ``--config``, else from the
-environment already set.
+environment already set. With neither ``--proxy``, ``EGRESS_SANDBOX_PROXY`` nor ``--config``,
+the config is /etc/egress/egress.toml.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from ipaddress import ip_address
 from pathlib import Path
 from typing import Any
 
-from egress.config import load_config
+from egress.config import DEFAULT_CONFIG_PATH, load_config
 from egress.config.model import Config
 from egress.errors import EgressError
 from egress.sandbox.settings import (
@@ -56,7 +57,15 @@ def sandbox_environment(args: argparse.Namespace, environ: dict[str, str]) -> di
     """The environment of the sandboxed program; settings checked here, so a mistake stops
     before the program starts rather than inside it."""
     env = dict(environ)
-    config = load_config(args.config) if args.config else None
+    path = args.config
+    if path is None and not args.proxy and not env.get(ENV_PROXY):
+        if not Path(DEFAULT_CONFIG_PATH).exists():  # say what to give, not only what is missing
+            raise EgressError(
+                "sandbox: give the proxy: --proxy 127.0.0.1:1080, or --config FILE"
+                f" (the default {DEFAULT_CONFIG_PATH} does not exist)"
+            )
+        path = DEFAULT_CONFIG_PATH  # only when nothing else names the proxy
+    config = load_config(path) if path else None
     if args.proxy:
         env[ENV_PROXY] = args.proxy
     elif config is not None:
@@ -162,7 +171,11 @@ def add_sandbox_command(sub: Any) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sandbox.add_argument("--config", help="take the proxy address and [sandbox] from this file")
+    sandbox.add_argument(
+        "--config",
+        help="take the proxy address and [sandbox] from this file (default, when neither"
+        f" --proxy nor {ENV_PROXY} is given: {DEFAULT_CONFIG_PATH})",
+    )
     sandbox.add_argument("--proxy", help="the proxy's loopback SOCKS5 HOST:PORT")
     sandbox.add_argument("--listen", choices=LISTEN_POLICIES, help="what bind()/listen() may do")
     sandbox.add_argument("--timeout", type=float, help="seconds a connect waits for the proxy")

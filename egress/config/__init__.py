@@ -26,7 +26,12 @@ from egress.config.model import (
 from egress.config.reader import load_config, parse_config
 from egress.config.summary import summarize
 
+# Where every command that takes ``--config`` looks when none is given (an installed node keeps
+# its one config here; tests and checkouts pass --config explicitly).
+DEFAULT_CONFIG_PATH = "/etc/egress/egress.toml"
+
 __all__ = [
+    "DEFAULT_CONFIG_PATH",
     "AdminConfig",
     "AdminRole",
     "AdminToken",

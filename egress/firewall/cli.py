@@ -19,7 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from egress import oplog
-from egress.config import Config, FirewallBackend, RuleStore, load_config
+from egress.config import (
+    DEFAULT_CONFIG_PATH,
+    Config,
+    FirewallBackend,
+    RuleStore,
+    load_config,
+)
 from egress.errors import EgressError
 from egress.firewall.backend import Backend
 from egress.firewall.detect import choose_backend
@@ -48,7 +54,11 @@ def add_firewall_commands(subparsers: Any) -> None:
     }
     for name, (handler, text) in commands.items():
         command = sub.add_parser(name, help=text)
-        command.add_argument("--config", required=True, help="TOML config file")
+        command.add_argument(
+            "--config",
+            default=DEFAULT_CONFIG_PATH,
+            help=f"TOML config file (default: {DEFAULT_CONFIG_PATH})",
+        )
         command.add_argument(
             "--backend",
             choices=[b.value for b in FirewallBackend],
