@@ -32,7 +32,7 @@ from egress.net.dialer import DialError, Dialled, hostport
 from egress.net.relay import StreamFilter, Tunnel, TunnelShaper
 from egress.outcomes import OUTCOMES, SOCKS5_SUCCEEDED, Outcome
 from egress.policy import Refusal, Verdict, combine, decide_again, evaluate
-from egress.proto import http_proxy, socks5
+from egress.proto import http_proxy, socks4, socks5
 from rules.addresses import HostSyntaxError, canonical_host
 from rules.decide import AppPolicy
 from rules.snapshot import PolicySnapshot
@@ -540,9 +540,14 @@ _LASTING_REFUSALS = frozenset({Outcome.UNKNOWN_CLIENT, Outcome.IDENTITY_ERROR})
 
 
 class Socks5Connection(ClientConnection):
-    """SOCKS5 (RFC 1928) with optional RFC 1929 username/password, over TCP or a Unix socket."""
+    """SOCKS5 (RFC 1928) with optional RFC 1929 username/password, over TCP or a Unix socket.
 
-    __slots__ = ("_parser", "_reasons", "_request_seen")
+    The same listeners take SOCKS4 and SOCKS4a: the client's first byte decides (0x04: the
+    SOCKS4 driver below, anything else: SOCKS5, which refuses what is not SOCKS5). Identity,
+    rules, outcomes and the log are the shared ones; only the bytes on the wire differ.
+    """
+
+    __slots__ = ("_parser", "_reasons", "_request_seen", "_socks4", "_version")
 
     def __init__(
         self, context: ConnectionContext, kind: ListenerKind = ListenerKind.SOCKS5
@@ -551,10 +556,19 @@ class Socks5Connection(ClientConnection):
         self._parser = socks5.Socks5Server(max_buffer=self.settings.max_handshake_bytes)
         self._request_seen = False
         self._reasons = False  # the client negotiated METHOD_EGRESS: refusals carry a record
+        self._version: int | None = None  # the client's first byte, once it arrived
+        self._socks4: socks4.Socks4Server | None = None
 
     def data_received(self, data: bytes) -> None:
         if self.destination is not None:
             self.hold_early(data)
+            return
+        if self._version is None:  # asyncio never delivers b""
+            self._version = data[0]
+            if data[0] == socks4.SOCKS_VERSION:
+                self._socks4 = socks4.Socks4Server(max_buffer=self.settings.max_handshake_bytes)
+        if self._socks4 is not None:
+            self._socks4_data(self._socks4, data)
             return
         parser = self._parser
         transport = self.transport
@@ -586,6 +600,32 @@ class Socks5Connection(ClientConnection):
             if exc.reply_code is not None and not transport.is_closing():
                 transport.write(parser.reply(exc.reply_code) + self._record(exc.outcome, str(exc)))
             transport.close()
+
+    def _socks4_data(self, parser: socks4.Socks4Server, data: bytes) -> None:
+        """SOCKS4/4a: one request, then the shared decision; the user id is ignored."""
+        transport = self.transport
+        assert transport is not None
+        try:
+            parser.receive_data(data)
+            event = parser.next_event()
+        except socks4.Socks4ProtocolError as exc:
+            self.outcome = exc.outcome
+            self.detail = str(exc)
+            if exc.reply_code is not None and not transport.is_closing():
+                transport.write(parser.reply(exc.reply_code))
+            transport.close()
+            return
+        if event is socks4.NEED_DATA:
+            return
+        if self.needs_credentials:
+            # SOCKS4 has no password: an app with proxy_auth cannot be served over it.
+            self.destination = f"{untrusted(str(event.host))}:{event.port}"
+            self.fail(
+                Outcome.AUTH_REQUIRED,
+                "this app needs proxy credentials, which SOCKS4 cannot carry (use SOCKS5)",
+            )
+            return
+        self.request_complete(event.host, event.port, parser.trailing_data())
 
     def _greet(self, greeting: socks5.Greeting) -> bool:
         transport = self.transport
@@ -647,9 +687,17 @@ class Socks5Connection(ClientConnection):
         assert self.transport is not None and dialled.upstream.transport is not None
         bound = dialled.upstream.transport.get_extra_info("sockname")
         bind = (ip_address(bound[0]), int(bound[1])) if bound else None
+        if self._socks4 is not None:
+            self.transport.write(self._socks4.reply(socks4.SOCKS4_GRANTED, bind))
+            return
         self.transport.write(self._parser.reply(SOCKS5_SUCCEEDED, bind))
 
     def send_failure(self, outcome: Outcome, text: str, retry_after: float | None) -> None:
+        if self._socks4 is not None:
+            code4 = socks4.reply_code(outcome)
+            if code4 is not None and self._socks4.may_reply and self.transport is not None:
+                self.transport.write(self._socks4.reply(code4))
+            return
         code = OUTCOMES[outcome].socks5
         if self._request_seen and code is not None and self.transport is not None:
             self.transport.write(

@@ -152,8 +152,9 @@ class Socks5Server:
     """One client connection's SOCKS5 handshake, server side.
 
     Every input is bounded: unparsed bytes never exceed ``max_buffer`` (the longest legal
-    handshake message is 513 bytes, so the rest of the room is for payload a client pipelines
-    after its request). Protocol errors raise :class:`Socks5ProtocolError` and are final.
+    handshake message is 513 bytes, a full username/password, which a buffer of 512 refuses as
+    oversized; the rest of the room is for payload a client pipelines after its request).
+    Protocol errors raise :class:`Socks5ProtocolError` and are final.
     """
 
     __slots__ = (
@@ -167,8 +168,8 @@ class Socks5Server:
     )
 
     def __init__(self, *, max_buffer: int = 8192) -> None:
-        if max_buffer < 513:
-            raise ValueError("max_buffer must hold the longest handshake message (513 bytes)")
+        if max_buffer < 512:  # proxy.max_handshake_bytes' own minimum
+            raise ValueError("max_buffer must be at least 512 bytes")
         self._buffer = bytearray()
         self._eof = False
         self._max_buffer = max_buffer

@@ -385,3 +385,20 @@ def test_fuzz_only_events_or_protocol_error(prefix: bytes, tail: bytes, seed: in
             assert server.next_event() is NEED_DATA  # unreachable: EOF mid-handshake raises
     except Socks5ProtocolError as exc:
         assert exc.reply_code in (None, 0x01, 0x07, 0x08)
+
+
+def test_the_smallest_buffer_the_config_allows_still_parses_requests() -> None:
+    """proxy.max_handshake_bytes may be 512: a request fits, a full 513-byte username/password
+    message is refused as oversized (it once made every connection fail instead)."""
+    run = handshake(
+        SPLITTERS["whole"],
+        greeting(0) + request(ATYP_DOMAIN, domain(b"a.test"), 443),
+        max_buffer=512,
+    )
+    assert run.events[-1] == ConnectRequest("a.test", 443, ATYP_DOMAIN)
+    server = Socks5Server(max_buffer=512)
+    server.receive_data(greeting(2))
+    server.next_event()
+    server.choose_method(METHOD_USERNAME_PASSWORD)
+    with pytest.raises(Socks5ProtocolError, match="exceeds buffer limit"):
+        server.receive_data(auth(b"u" * 255, b"p" * 255))
