@@ -39,12 +39,12 @@ def config(port: int, **proxy: object) -> dict[str, object]:
 @pytest.mark.parametrize(
     "garbage",
     [
-        b"\x04\x01\x00\x50\x7f\x00\x00\x01\x00",
+        b"\x04\x09\x00\x50\x7f\x00\x00\x01\x00",  # SOCKS4 with a command that does not exist
         b"GET\x00\xff\xfe\r\n\r\n",
         b"\x16\x03\x01\x02\x00",
         b"\r\n\r\n",
     ],
-    ids=["socks4", "binary", "tls-hello", "empty-lines"],
+    ids=["socks4-bad-command", "binary", "tls-hello", "empty-lines"],
 )
 def test_garbage_gets_an_error_and_a_close(
     loop_kind: str, tmp_path: Path, listener: ListenerKind, garbage: bytes

@@ -11,6 +11,7 @@ import copy
 import gc
 import json
 import logging
+import types
 from pathlib import Path
 from typing import Any
 
@@ -301,7 +302,15 @@ def test_reloads_under_load_leave_nothing_frozen_behind(tmp_path: Path) -> None:
             if type(o).__module__.split(".")[0] in ("egress", "rules") or id(o) in mine
         }
     )
-    assert ours == [], f"frozen garbage of the proxy: {ours}"
+    assert ours == [], f"frozen garbage of the proxy: {ours}; {cycle_hints(garbage)}"
+
+
+def cycle_hints(garbage: list[object]) -> str:
+    """What usually closes a cycle around a runtime: an exception (its traceback holds the
+    frames, the frames hold the objects) or a frame itself. Said on failure, to find it."""
+    frames = sorted({o.f_code.co_qualname for o in garbage if isinstance(o, types.FrameType)})
+    errors = sorted({repr(o)[:120] for o in garbage if isinstance(o, BaseException)})
+    return f"frames in the garbage: {frames[:20]}; exceptions: {errors[:10]}"
 
 
 def test_concurrent_reloads_are_one_at_a_time(tmp_path: Path) -> None:
