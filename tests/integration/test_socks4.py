@@ -15,17 +15,15 @@ import json
 import socket
 import struct
 import subprocess
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from egress.net.connection import ListenerKind
-from tests.configs import base_config
 from tests.dnsstub import DnsStub
+from tests.httpupstream import HttpUpstream
+from tests.integration.test_proxy_e2e import app, close, loopback_config, roundtrip
 from tests.support import (
     APP_UID,
     OTHER_APP_UID,
@@ -40,17 +38,6 @@ from tests.support import (
 pytestmark = pytest.mark.root
 
 GRANTED, REJECTED = 0x5A, 0x5B
-
-
-def app(name: str, uid: int, allow: list[str], **extra: Any) -> dict[str, Any]:
-    return {"name": name, "uids": [str(uid)], "allow": allow, **extra}
-
-
-def loopback_config(upstream_port: int, **sections: Any) -> dict[str, Any]:
-    """Upstreams listen on loopback, a special-purpose range the operator must open."""
-    sections.setdefault("security", {"allow_special": ["127.0.0.0/8"]})
-    sections.setdefault("app", [app("blog", APP_UID, [f"127.0.0.1:{upstream_port}"])])
-    return base_config(**sections)
 
 
 def socks4_request(host: str | bytes, port: int, user: bytes = b"", cmd: int = 1) -> bytes:
@@ -76,19 +63,6 @@ async def socks4_connect(
     reply = await reader.readexactly(8)
     assert reply[0] == 0, reply  # VN of a reply is 0
     return reply[1]
-
-
-async def roundtrip(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, payload: bytes
-) -> bytes:
-    writer.write(payload)
-    return await reader.readexactly(len(payload))
-
-
-async def close(writer: asyncio.StreamWriter) -> None:
-    writer.close()
-    with contextlib.suppress(ConnectionError, OSError):
-        await writer.wait_closed()
 
 
 async def read_to_end(reader: asyncio.StreamReader) -> bytes:
@@ -365,43 +339,6 @@ def test_socks5_and_socks4_share_the_listener(loop_kind: str, tmp_path: Path) ->
 
 
 # --- real curl --------------------------------------------------------------------------------
-class HttpUpstream:
-    """A real HTTP server on loopback (``http.server``, its own thread): GET answers a body
-    naming the path and the Host header it was asked with."""
-
-    def __init__(self) -> None:
-        self.requests: list[str] = []
-        upstream = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                upstream.requests.append(self.path)
-                body = f"hello {self.path} via {self.headers.get('Host', '')}\n".encode()
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        class Server(ThreadingHTTPServer):
-            daemon_threads = True
-
-        self.server = Server(("127.0.0.1", 0), Handler)
-        self.port: int = self.server.server_address[1]
-        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def __enter__(self) -> HttpUpstream:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self._thread.join(timeout=5)
-
-
 def curl(uid: int, flag: str, proxy: tuple[str, int], url: str) -> subprocess.CompletedProcess[str]:
     """The real curl as ``uid``, through the proxy's SOCKS listener (blocking: run it in a
     thread so the in-process proxy keeps serving)."""
@@ -429,7 +366,7 @@ def curl(uid: int, flag: str, proxy: tuple[str, int], url: str) -> subprocess.Co
 
 @contextlib.contextmanager
 def curl_setup(tmp_path: Path) -> Iterator[tuple[DnsStub, HttpUpstream]]:
-    with DnsStub({"web.example.test": ["127.0.0.1"]}) as dns, HttpUpstream() as web:
+    with DnsStub({"web.example.test": ["127.0.0.1"]}) as dns, HttpUpstream("web") as web:
         yield dns, web
 
 
@@ -452,12 +389,12 @@ def test_curl_through_socks4(loop_kind: str, tmp_path: Path, flag: str) -> None:
                 ok = await asyncio.to_thread(
                     curl, APP_UID, flag, socks, f"http://{host}:{web.port}/hi"
                 )
-                assert (ok.returncode, ok.stdout) == (0, f"hello /hi via {host}:{web.port}\n"), ok
+                assert (ok.returncode, ok.stdout) == (0, "hello /hi from web\n"), ok
                 denied = await asyncio.to_thread(curl, APP_UID, flag, socks, f"http://{host}:1/no")
                 assert denied.returncode != 0
                 assert "rejected or failed" in denied.stderr, denied.stderr
                 allowed, refused = await proxy.wait_records(2)
-            assert web.requests == ["/hi"]
+            assert [(r["path"], r["host"]) for r in web.requests] == [("/hi", f"{host}:{web.port}")]
             if flag == "--socks4a":
                 assert dns.queries and {q[0] for q in dns.queries} == {"web.example.test"}
         assert (allowed["app"], allowed["uid"], allowed["reason"]) == ("blog", APP_UID, "allowed")
