@@ -32,7 +32,7 @@ from ipaddress import IPv4Address, IPv6Address
 from typing import Final, NoReturn
 
 from egress.outcomes import OUTCOMES, Outcome
-from egress.proto.socks5 import NEED_DATA, NeedData
+from egress.proto.socks5 import DOMAIN_BYTES, NEED_DATA, NeedData  # the same name rules
 
 __all__ = [
     "CMD_BIND",
@@ -68,9 +68,6 @@ MAX_HOST_NAME: Final = 255
 _HEADER: Final = 8  # VN CD DSTPORT DSTIP
 # The smallest buffer that holds a plain SOCKS4 request with the longest user id.
 MIN_BUFFER: Final = _HEADER + MAX_USER_ID + 1
-
-# The same bytes SOCKS5 allows in a DOMAINNAME: visible ASCII only.
-_NAME_BYTES: Final = bytes(range(0x21, 0x7F))
 
 
 class Socks4ProtocolError(ValueError):
@@ -265,7 +262,7 @@ class Socks4Server:
             name = bytes(buf[start:name_end])
             if not name:
                 self._fail("empty host name", reply=True, outcome=Outcome.BAD_ADDRESS)
-            if name.translate(None, _NAME_BYTES):
+            if name.translate(None, DOMAIN_BYTES):
                 self._fail("host name has invalid bytes", reply=True, outcome=Outcome.BAD_ADDRESS)
             host = name.decode("ascii")
             end = name_end + 1

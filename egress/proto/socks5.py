@@ -71,7 +71,7 @@ ATYP_IPV6: Final = 0x04
 
 # Bytes allowed in a DOMAINNAME: visible ASCII only. Anything else (NUL, controls, space, DEL,
 # 8-bit) has no business in a host name and would only reach logs or the resolver as a trick.
-_DOMAIN_BYTES: Final = bytes(range(0x21, 0x7F))
+DOMAIN_BYTES: Final = bytes(range(0x21, 0x7F))
 
 
 class NeedData(enum.Enum):
@@ -377,7 +377,7 @@ class Socks5Server:
             if n < end:
                 return NEED_DATA
             name = bytes(buf[5 : 5 + length])
-            if name.translate(None, _DOMAIN_BYTES):
+            if name.translate(None, DOMAIN_BYTES):
                 self._fail("domain name has invalid bytes", reply=True, outcome=Outcome.BAD_ADDRESS)
             host = name.decode("ascii")
         else:
