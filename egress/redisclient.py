@@ -6,8 +6,8 @@ whose connection failed (the dropped connection is replaced, which is what moves
 new master). What follows a failover:
 
 * Sentinel: the client asks the sentinels where the master is (``SENTINEL
-  GET-MASTER-ADDR-BY-NAME``) for every new connection, and at most once a second while it is
-  used (:data:`MASTER_CHECK_INTERVAL_S`). redis-py alone would not look again while its
+  GET-MASTER-ADDR-BY-NAME``) for every new connection, and at most twice a second while it is
+  used (every :data:`MASTER_CHECK_INTERVAL_S`). redis-py alone would not look again while its
   connections live: after a forced ``SENTINEL FAILOVER`` the old master keeps accepting writes
   until the sentinel demotes it (about 8 s later), and every write to it in between is lost.
   When the address changes, every connection to the old master is dropped, and the retry of
@@ -48,12 +48,12 @@ RedisClient = redis.asyncio.Redis | RedisCluster
 
 _BACKOFF_BASE_S: Final = 0.02
 _BACKOFF_CAP_S: Final = 0.2
-MASTER_CHECK_INTERVAL_S: Final = 1.0
+MASTER_CHECK_INTERVAL_S: Final = 0.5
 """How often a Sentinel client in use asks the sentinels whether the master moved."""
 
 
 class _WatchfulSentinelPool(SentinelConnectionPool):
-    """A Sentinel pool that asks where the master is, at most once a second, while it is used.
+    """A Sentinel pool that asks where the master is, at most twice a second, while it is used.
 
     The question runs in a task the pool owns (one at a time, cancelled by :meth:`aclose`);
     the command that started it waits for the answer for up to a quarter of its deadline
