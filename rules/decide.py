@@ -35,10 +35,13 @@ __all__ = [
     "AppCompiler",
     "AppPolicy",
     "Decision",
+    "NameAnswerPlan",
     "NamePlan",
     "Reason",
     "decide_address",
     "decide_addresses",
+    "decide_answer",
+    "decide_dns_name",
     "decide_name",
 ]
 
@@ -306,3 +309,62 @@ def decide_addresses(
     if denial is not None:
         return AddressDecision(denial, ())
     return None
+
+
+# --- the sandbox DNS listener ---------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class NameAnswerPlan:
+    """Whether the DNS listener may answer a name for an app, before any lookup.
+
+    ``rules``: the app's rules naming it (any port). ``decision``: allowed (by the most
+    specific of them), reported (report mode, no rule), or denied: then nothing is resolved, so
+    a name no rule allows never leaves the node (the listener is no exfiltration channel).
+    Address rules do not make names answerable: which name lands in them is unknown until it
+    is resolved, and resolving any name on an app's say-so is exactly that channel.
+    """
+
+    rules: tuple[Rule, ...]
+    decision: Decision
+
+    @property
+    def must_resolve(self) -> bool:
+        return self.decision.allowed
+
+
+def decide_dns_name(app: AppPolicy, host: str) -> NameAnswerPlan:
+    """Judge the canonical name ``host`` for a DNS answer (A/AAAA) to ``app``."""
+    rules = app.rules.name_rules(host)
+    if rules:
+        return NameAnswerPlan(rules, _allowed_by(rules[0].text))
+    if app.mode is Mode.REPORT:
+        return NameAnswerPlan((), _REPORTED_NOT_ALLOWED)
+    return NameAnswerPlan((), _DENY_NOT_ALLOWED)
+
+
+def decide_answer(app: AppPolicy, ip: IPAddress, plan: NameAnswerPlan) -> Decision:
+    """Whether the canonical address ``ip``, resolved for a name ``plan`` allowed, may be
+    handed to the app. A special-purpose address only when its range is opened and a rule
+    names it: an exact host rule for the name, or an opened address rule covering it (on any
+    port: the connection is judged again, port and all, when the app dials it)."""
+    special = canonical_special_range(ip)
+    if special is None:
+        return plan.decision
+    if not app.exceptions.covers_canonical(ip):
+        return _special_denial(ip)
+    for rule in plan.rules:
+        if isinstance(rule.target, HostExact):
+            return _allowed_by(rule.text)
+    for rule in app.opened.rules:
+        if isinstance(rule.target, Network) and ip in rule.target.network:
+            return _allowed_by(rule.text)
+    return Decision(
+        False,
+        Reason.SPECIAL_ADDRESS,
+        None,
+        detail=(
+            f"{ip} is in an opened special-purpose range, which only a rule naming it reaches"
+            " (an exact host rule, or an address rule inside the range)"
+        ),
+    )

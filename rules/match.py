@@ -69,6 +69,11 @@ class _PortIndex:
         self._ends = ends
         self._rules = chosen
 
+    @property
+    def rules(self) -> list[Rule]:
+        """The rules chosen for some port range, in range order (repeats possible)."""
+        return self._rules
+
     def first_for_port(self, port: int) -> Rule | None:
         index = bisect_right(self._starts, port) - 1
         if index >= 0 and port <= self._ends[index]:
@@ -282,6 +287,33 @@ class CompiledRules:
                     return rule
             dot = host.find(".", dot + 1)
         return None
+
+    def name_rules(self, host: str) -> tuple[Rule, ...]:
+        """Every rule whose target matches the canonical name ``host``, whatever its ports: the
+        exact name's first, then the wildcards', deepest first (the DNS listener asks this: a
+        name is answered when the app may reach it on some port)."""
+        found: list[Rule] = []
+        exact = self._exact.get(host)
+        if exact is not None:
+            found += self._target_rules(exact)
+        if self._wildcard:
+            dot = host.find(".")
+            while dot >= 0:
+                position = self._wildcard.get(host[dot + 1 :])
+                if position is not None:
+                    found += self._target_rules(position)
+                dot = host.find(".", dot + 1)
+        return tuple(dict.fromkeys(found))
+
+    def _target_rules(self, found: int) -> list[Rule]:
+        """The rules a table gave for one target (with a port index: one rule per port range
+        it covers, enough to say what the target allows)."""
+        if found >= 0:
+            return [self._rules[found]]
+        group = self._groups[~found]
+        if isinstance(group, _PortIndex):
+            return list(dict.fromkeys(group.rules))
+        return [self._rules[position] for position in group]
 
     def match_address(self, ip: IPv4Address | IPv6Address, port: int) -> Rule | None:
         """The rule whose network holds ``ip`` and whose ports include ``port``.
