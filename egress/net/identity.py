@@ -83,16 +83,19 @@ import os
 import socket
 import struct
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Final, NamedTuple
 
 __all__ = [
+    "AmbiguousOwnerError",
     "ConnectionOwners",
     "IdentityUnconfirmedError",
     "ProcNetTcpLookup",
     "SockAddr",
     "SocketOwner",
     "TcpOwnerLookup",
+    "UdpOwnerLookup",
     "make_tcp_owner_lookup",
     "peer_uid_unix",
 ]
@@ -224,19 +227,32 @@ def _pad16(addr: bytes) -> bytes:
     return addr + b"\x00" * (16 - len(addr))
 
 
-class TcpOwnerLookup:
-    """Find the uid owning the client socket of an accepted local TCP connection (sock_diag).
+def _messages(data: memoryview, seq: int) -> Iterator[tuple[int, int, int]]:
+    """``(type, body offset, length)`` of each netlink message in ``data`` answering ``seq``
+    (others answer earlier requests that timed out)."""
+    offset = 0
+    while offset + _NLMSGHDR.size <= len(data):
+        length, mtype, _flags, mseq, _pid = _NLMSGHDR.unpack_from(data, offset)
+        if length < _NLMSGHDR.size or offset + length > len(data):
+            raise OSError(errno.EBADMSG, "truncated netlink message")
+        body = offset + _NLMSGHDR.size
+        offset += (length + 3) & ~3  # NLMSG_ALIGN
+        if mseq == seq:
+            if mtype == _NLMSG_ERROR:
+                (err,) = _NLMSGERR.unpack_from(data, body)
+                if err not in (-errno.ENOENT, 0):
+                    raise OSError(-err, f"sock_diag: {os.strerror(-err)}")
+                mtype = _NLMSG_DONE  # "no such socket" and an ack both end the answer
+            elif mtype != _NLMSG_DONE and (
+                mtype != _SOCK_DIAG_BY_FAMILY or length < _NLMSGHDR.size + _DIAG_MSG.size
+            ):
+                raise OSError(errno.EBADMSG, f"unexpected netlink message type {mtype}")
+            yield mtype, body, length
 
-    One ``NETLINK_SOCK_DIAG`` socket per instance, created in ``__init__`` (so in the caller's
-    network namespace, which must be the listener's) and reused; ``close()`` releases it. The
-    socket is blocking with a short ``SO_RCVTIMEO``: a lookup is one ``sendto`` and one
-    ``recvfrom`` (a few µs), fine to call on the event loop thread. Not thread-safe: use one
-    instance per thread.
 
-    ``lookup()`` raises ``TimeoutError`` if the kernel did not answer in time, ``OSError`` for any
-    other netlink failure and ``ValueError`` for addresses that are not IP literals; ``None``
-    means "no local socket is the client's end" (remote peer, socket gone, ``TIME_WAIT``).
-    """
+class _SockDiag:
+    """One ``NETLINK_SOCK_DIAG`` socket: send an ``inet_diag_req_v2``, read the kernel's
+    datagrams. Created in ``__init__``, so in the caller's network namespace."""
 
     def __init__(self, *, timeout_s: float = 0.2) -> None:
         sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, _NETLINK_SOCK_DIAG)
@@ -260,6 +276,56 @@ class TcpOwnerLookup:
             self._sock.close()
             self._sock = None
 
+    def _send(self, q: _Query, *, protocol: int, flags: int) -> tuple[int, bytes]:
+        """Send one request; its sequence number and its packed socket id (ports, addresses)."""
+        sock = self._sock
+        if sock is None:
+            raise ValueError(f"{type(self).__name__} is closed")
+        self._seq = self._seq % 0xFFFFFFFF + 1  # 1 .. 2**32-1
+        seq = self._seq
+        # fmt: off
+        request = _REQUEST.pack(
+            _REQUEST.size, _SOCK_DIAG_BY_FAMILY, flags, seq, 0,  # nlmsghdr
+            q.family, protocol, 0, _ALL_STATES,  # inet_diag_req_v2
+            socket.htons(q.sport), socket.htons(q.dport), _pad16(q.src), _pad16(q.dst),
+            0, _NOCOOKIE, _NOCOOKIE,  # idiag_if, idiag_cookie
+        )
+        # fmt: on
+        try:
+            sock.sendto(request, (0, 0))
+        except BlockingIOError as exc:
+            raise TimeoutError(errno.ETIMEDOUT, "sock_diag send timed out") from exc
+        return seq, request[_NLMSGHDR.size + 8 : _NLMSGHDR.size + 8 + 36]
+
+    def _datagrams(self) -> Iterator[memoryview]:
+        """The kernel's datagrams, until the caller stops; ``TimeoutError`` after the
+        timeout without one."""
+        sock = self._sock
+        assert sock is not None
+        buf = self._buf
+        while True:
+            try:
+                n, (sender, _groups) = sock.recvfrom_into(buf)
+            except BlockingIOError as exc:  # SO_RCVTIMEO expired (EAGAIN)
+                raise TimeoutError(errno.ETIMEDOUT, "sock_diag reply timed out") from exc
+            if sender == 0:  # from the kernel
+                yield memoryview(buf)[:n]
+
+
+class TcpOwnerLookup(_SockDiag):
+    """Find the uid owning the client socket of an accepted local TCP connection (sock_diag).
+
+    One ``NETLINK_SOCK_DIAG`` socket per instance, created in ``__init__`` (so in the caller's
+    network namespace, which must be the listener's) and reused; ``close()`` releases it. The
+    socket is blocking with a short ``SO_RCVTIMEO``: a lookup is one ``sendto`` and one
+    ``recvfrom`` (a few µs), fine to call on the event loop thread. Not thread-safe: use one
+    instance per thread.
+
+    ``lookup()`` raises ``TimeoutError`` if the kernel did not answer in time, ``OSError`` for any
+    other netlink failure and ``ValueError`` for addresses that are not IP literals; ``None``
+    means "no local socket is the client's end" (remote peer, socket gone, ``TIME_WAIT``).
+    """
+
     def __enter__(self) -> TcpOwnerLookup:
         return self
 
@@ -277,70 +343,20 @@ class TcpOwnerLookup:
         return self._query(_client_query(peer, local))
 
     def _query(self, q: _Query) -> SocketOwner | None:
-        sock = self._sock
-        if sock is None:
-            raise ValueError("TcpOwnerLookup is closed")
-        self._seq = self._seq % 0xFFFFFFFF + 1  # 1 .. 2**32-1
-        seq = self._seq
-        src, dst = _pad16(q.src), _pad16(q.dst)
-        # fmt: off
-        request = _REQUEST.pack(
-            _REQUEST.size, _SOCK_DIAG_BY_FAMILY, _NLM_F_REQUEST, seq, 0,  # nlmsghdr
-            q.family, socket.IPPROTO_TCP, 0, _ALL_STATES,  # inet_diag_req_v2
-            socket.htons(q.sport), socket.htons(q.dport), src, dst,  # sockid, big-endian part
-            0, _NOCOOKIE, _NOCOOKIE,  # idiag_if, idiag_cookie
-        )
-        # fmt: on
-        try:
-            sock.sendto(request, (0, 0))
-        except BlockingIOError as exc:
-            raise TimeoutError(errno.ETIMEDOUT, "sock_diag send timed out") from exc
-        want = request[_NLMSGHDR.size + 8 : _NLMSGHDR.size + 8 + 36]  # ports + addresses
-        buf = self._buf
-        while True:
-            try:
-                n, (sender, _groups) = sock.recvfrom_into(buf)
-            except BlockingIOError as exc:  # SO_RCVTIMEO expired (EAGAIN)
-                raise TimeoutError(errno.ETIMEDOUT, "sock_diag reply timed out") from exc
-            if sender != 0:  # not from the kernel
-                continue
-            answered, owner = self._parse(memoryview(buf)[:n], seq, q.family, want)
-            if answered:
-                return owner
-
-    @staticmethod
-    def _parse(
-        data: memoryview, seq: int, family: int, want: bytes
-    ) -> tuple[bool, SocketOwner | None]:
-        """One datagram: ``(True, answer)`` to request ``seq``, ``(False, None)`` if it answers
-        an earlier request (one that timed out)."""
-        offset = 0
-        while offset + _NLMSGHDR.size <= len(data):
-            length, mtype, _flags, mseq, _pid = _NLMSGHDR.unpack_from(data, offset)
-            if length < _NLMSGHDR.size or offset + length > len(data):
-                raise OSError(errno.EBADMSG, "truncated netlink message")
-            body = offset + _NLMSGHDR.size
-            offset += (length + 3) & ~3  # NLMSG_ALIGN
-            if mseq != seq:
-                continue  # reply to an earlier request that timed out
-            if mtype == _NLMSG_ERROR:
-                (err,) = _NLMSGERR.unpack_from(data, body)
-                if err in (-errno.ENOENT, 0):
-                    return True, None
-                raise OSError(-err, f"sock_diag: {os.strerror(-err)}")
-            if mtype == _NLMSG_DONE:
-                return True, None
-            if mtype != _SOCK_DIAG_BY_FAMILY or length < _NLMSGHDR.size + _DIAG_MSG.size:
-                raise OSError(errno.EBADMSG, f"unexpected netlink message type {mtype}")
-            fields = _DIAG_MSG.unpack_from(data, body)
-            r_family, state, sockid, uid, inode = fields[0], fields[1], fields[4], *fields[-2:]
-            if r_family != family:
-                # An IPv6 client socket talking to an IPv4 address: v4-mapped on its side.
-                sockid = _unmap_sockid(sockid)
-            if sockid != want:
-                return True, None  # the kernel fell back to a listener: not the client socket
-            return True, _owner(state, uid, inode)
-        return False, None
+        seq, want = self._send(q, protocol=socket.IPPROTO_TCP, flags=_NLM_F_REQUEST)
+        for data in self._datagrams():
+            for mtype, body, _length in _messages(data, seq):
+                if mtype == _NLMSG_DONE:
+                    return None
+                fields = _DIAG_MSG.unpack_from(data, body)
+                r_family, state, sockid, uid, inode = fields[0], fields[1], fields[4], *fields[-2:]
+                if r_family != q.family:
+                    # An IPv6 client socket talking to an IPv4 address: v4-mapped on its side.
+                    sockid = _unmap_sockid(sockid)
+                if sockid != want:
+                    return None  # the kernel fell back to a listener: not the client socket
+                return _owner(state, uid, inode)
+        raise AssertionError("unreachable")  # _datagrams() ends only by raising
 
 
 def _unmap_sockid(sockid: bytes) -> bytes:
@@ -476,6 +492,80 @@ class ConnectionOwners:
 
     def close(self) -> None:
         self._tcp.close()
+
+
+# --- UDP: the sandbox DNS listener --------------------------------------------------------------
+
+_NLM_F_DUMP: Final = 0x300  # NLM_F_ROOT | NLM_F_MATCH
+_MAX_DUMP_SOCKETS: Final = 1_000_000
+
+
+class AmbiguousOwnerError(OSError):
+    """Sockets of more than one uid share the client's UDP port: the sender is not known."""
+
+
+class UdpOwnerLookup(_SockDiag):
+    """The uid owning the UDP socket a datagram came from (``NETLINK_SOCK_DIAG``, a dump).
+
+    A UDP query carries nothing but its source address and port. The client socket may be
+    connected to the nameserver it *meant* to ask (glibc and Go connect theirs), which after a
+    ``REDIRECT`` is an address only conntrack knows, so the exact-id lookup TCP uses cannot find
+    it. Instead this asks the kernel for every UDP socket bound to the source port (the kernel
+    filters by port; ``inet_diag`` lets unprivileged processes do this) and keeps those bound to
+    the source address or to the wildcard. One uid: that is the sender. Several uids (sockets
+    sharing a port with ``SO_REUSEADDR``): :class:`AmbiguousOwnerError`, never a guess. The kernel
+    walks its UDP hash table for a dump, so a lookup costs tens of µs more than a TCP one; it runs
+    once per query, not per packet of a tunnel.
+
+    The answer is sent to the same address and port, so it reaches the socket that owns the port
+    *now*, judged under that socket's own app: a port reused between the query and the lookup
+    gets an answer its new owner was entitled to anyway.
+    """
+
+    def lookup(self, host: str, port: int) -> int | None:
+        """The uid sending from ``host:port`` (a local address), or ``None`` when no local UDP
+        socket holds that port (a remote sender, or one already gone)."""
+        packed = _pack(host)
+        if not 0 < port < 65536:
+            raise ValueError(f"bad port {port!r}")
+        v4: bytes | None = packed if len(packed) == 4 else None
+        if packed[:12] == _V4_MAPPED_PREFIX:
+            v4 = packed[12:]
+        uids: set[int] = set()
+        if v4 is not None:
+            uids |= self._dump(socket.AF_INET, port, (v4, b"\x00" * 4))
+            if not uids:  # an IPv6 socket sending IPv4 (dual-stack)
+                uids |= self._dump(socket.AF_INET6, port, (_V4_MAPPED_PREFIX + v4, b"\x00" * 16))
+        else:
+            uids |= self._dump(socket.AF_INET6, port, (packed, b"\x00" * 16))
+        if len(uids) > 1:
+            raise AmbiguousOwnerError(
+                errno.ENOTUNIQ, f"UDP port {port} is shared by sockets of uids {sorted(uids)}"
+            )
+        return next(iter(uids), None)
+
+    def _dump(self, family: int, port: int, accepted: tuple[bytes, bytes]) -> set[int]:
+        zero = b"\x00" * 16  # the kernel filters a dump by source port only
+        seq, _ = self._send(
+            _Query(family, zero, port, zero, 0),
+            protocol=socket.IPPROTO_UDP,
+            flags=_NLM_F_REQUEST | _NLM_F_DUMP,
+        )
+        uids: set[int] = set()
+        seen = 0
+        size = 4 if family == socket.AF_INET else 16
+        for data in self._datagrams():
+            for mtype, body, _length in _messages(data, seq):
+                if mtype == _NLMSG_DONE:
+                    return uids
+                seen += 1
+                if seen > _MAX_DUMP_SOCKETS:
+                    raise OSError(errno.E2BIG, "sock_diag: too many UDP sockets on one port")
+                fields = _DIAG_MSG.unpack_from(data, body)
+                sockid, uid = fields[4], fields[-2]
+                if int.from_bytes(sockid[0:2], "big") == port and sockid[4 : 4 + size] in accepted:
+                    uids.add(int(uid))
+        raise AssertionError("unreachable")  # _datagrams() ends only by raising
 
 
 # --- choice at start-up -------------------------------------------------------------------------
