@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 from typing import Any, Protocol
 
 from egress.config import ProxyConfig
 from egress.connlog import ConnectionLog
+from egress.dnsnames import AnsweredNames
 from egress.limits import ConnectionLimits
 from egress.metrics import ProxyMetrics
 from egress.net.dialer import Dialled
@@ -109,6 +110,7 @@ class ConnectionContext:
     """Everything a connection driver needs, as narrow interfaces."""
 
     __slots__ = (
+        "answered",
         "connlog",
         "dial",
         "identify",
@@ -136,6 +138,7 @@ class ConnectionContext:
         is_own_listener: OwnListener,
         limits: ConnectionLimits | None = None,
         loop: asyncio.AbstractEventLoop | None = None,
+        answered: AnsweredNames | None = None,
     ) -> None:
         self.settings = settings
         self.resolver = resolver
@@ -148,6 +151,23 @@ class ConnectionContext:
         self.is_own_listener = is_own_listener
         self.limits = limits
         self.loop = loop if loop is not None else asyncio.get_running_loop()
+        self.answered = answered
+
+    def names_for(self, app: str) -> Callable[[IPAddress], tuple[str, ...]]:
+        """Transparent mode: the names an address is known by to ``app``: those the resolver
+        has cached for it (whoever asked), and those the DNS listener answered ``app`` with
+        (kept per app, so another app's lookups cannot push them out)."""
+        cached = self.resolver.cached_names_for
+        answered = self.answered
+        if answered is None:
+            return cached
+
+        def names(address: IPAddress) -> tuple[str, ...]:
+            given = answered.names_for(app, address)
+            found = cached(address)
+            return tuple(dict.fromkeys((*given, *found))) if given else found
+
+        return names
 
     async def resolve(self, name: str) -> Resolution:
         """Resolve through the current resolver, timing and counting the lookup."""

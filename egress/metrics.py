@@ -188,6 +188,22 @@ class _HotPath(Collector):
         for result, count in m.dns_lookups.items():
             lookups.add_metric([result], count)
         yield lookups
+        queries = CounterMetricFamily(
+            "egress_dns_listener_queries",
+            "Sandbox DNS listener queries by app and answer: answered, nodata, denied (NXDOMAIN"
+            " by policy), refused (unknown sender, malformed, over the in-flight cap), error.",
+            labels=["app", "answer"],
+        )
+        for pair, count in m.dns_listener_queries.items():
+            queries.add_metric(pair, count)
+        yield queries
+        listener_seconds = HistogramMetricFamily(
+            "egress_dns_listener_query_seconds",
+            "Time from a sandbox DNS query to its answer (lookups included).",
+        )
+        buckets, total = m.dns_listener_seconds.samples()
+        listener_seconds.add_metric([], buckets, total)
+        yield listener_seconds
         yield from _ratelimit_families(m)
 
 
@@ -266,6 +282,8 @@ class ProxyMetrics:
         self.ratelimit_redis_errors: dict[str, int] = {}
         self.ratelimit_mode = "memory"
         self.shaped_seconds: dict[tuple[str, str], float] = {}
+        self.dns_listener_queries: dict[tuple[str, str], int] = {}
+        self.dns_listener_seconds = LoopHistogram(_LATENCY_BUCKETS)
         r.register(_HotPath(self))
         self._reloads = Counter(
             "egress_config_reloads",
@@ -363,6 +381,12 @@ class ProxyMetrics:
         if error is not None:
             errors = self.ratelimit_redis_errors
             errors[error] = errors.get(error, 0) + 1
+
+    def dns_listener_query(self, app: str, answer: str, seconds: float) -> None:
+        key = (app, answer)
+        counts = self.dns_listener_queries
+        counts[key] = counts.get(key, 0) + 1
+        self.dns_listener_seconds.observe(seconds)
 
     def dns_lookup(self, result: str) -> None:
         lookups = self.dns_lookups

@@ -27,10 +27,12 @@ from aiohttp import web
 from egress import oplog
 from egress.admin.app import build_admin_app
 from egress.checking import CheckResult, check
-from egress.config import Config, load_config
+from egress.config import Config, ListenAddress, load_config
 from egress.config import RuleStore as StoreKind
 from egress.connlog import ConnectionLog
 from egress.context import ConnectionContext, ProxySettings
+from egress.dnslistener import DnsListener, SandboxDns, open_dns_listener
+from egress.dnsnames import AnsweredNames
 from egress.errors import ConfigError, EgressError
 from egress.gcpolicy import freeze_long_lived, full_collections_deferred
 from egress.limits import build_connection_limits
@@ -44,6 +46,7 @@ from egress.resolver import Resolver, make_resolver
 from egress.rulesource import FileRuleSource, SnapshotHolder, StoreRuleSource
 from egress.server import ListenerError, Listeners
 from egress.stores import open_store
+from ratelimit.gcra import Rate
 from rules.apps import RuleSet
 from rules.edits import UnknownAppError
 from rules.snapshot import PolicySnapshot
@@ -67,6 +70,9 @@ _RESTART_KEYS: Final = {
         "unix_socket_owner",
         "unix_socket_group",
         "transparent_listen",
+        "dns_listen",
+        "dns_queries_per_second",
+        "dns_burst",
     ),
     "admin": ("listen", "tokens"),
     "rules": ("store", "redis_prefix", "check_interval", "audit_log", "audit_max_records"),
@@ -148,6 +154,8 @@ class ProxyRuntime:
             config.ratelimit, config.redis.url, self.metrics, self.registry
         )
         self.admin_address: str | None = None
+        self.answered = AnsweredNames()  # what the DNS listener told each app
+        self.dns_listener: DnsListener | None = None
         self._owners: ConnectionOwners | None = None
         self._context: ConnectionContext | None = None
         self._admin_runner: web.AppRunner | None = None
@@ -221,9 +229,12 @@ class ProxyRuntime:
             registry=self.registry,
             is_own_listener=self.listeners.is_own_listener,
             limits=self.limits,
+            answered=self.answered,
         )
         try:
             await self.listeners.open(config.proxy, self._protocol_for)
+            if config.proxy.dns_listen is not None:
+                await self._start_dns(config.proxy.dns_listen)
             if config.admin.listen is not None:
                 await self._start_admin()
         except BaseException:
@@ -235,10 +246,15 @@ class ProxyRuntime:
         )
         for bound in self.listeners.bound:
             log.info("listening", extra={"listener": bound.kind.value, "address": bound.address})
+        if self.dns_listener is not None:
+            log.info("listening", extra={"listener": "dns", "address": self.dns_listener.address})
         log.info(
             "proxy started",
             extra={
-                "listeners": ", ".join(f"{b.kind}={b.address}" for b in self.listeners.bound),
+                "listeners": ", ".join(
+                    [f"{b.kind}={b.address}" for b in self.listeners.bound]
+                    + ([f"dns={self.dns_listener.address}"] if self.dns_listener else [])
+                ),
                 "apps": len(self.holder.current.ruleset),
                 "rules_store": config.rules.store.value,
                 "rules_version": self.holder.current.version,
@@ -246,6 +262,18 @@ class ProxyRuntime:
                 "admin": self.admin_address,
             },
         )
+
+    async def _start_dns(self, listen: ListenAddress) -> None:
+        assert self._owners is not None
+        handler = SandboxDns(
+            rules=self.holder,
+            resolve=self.context.resolve,
+            metrics=self.metrics,
+            connlog=self.connlog,
+            answered=self.answered,
+            rate=Rate(self.config.proxy.dns_queries_per_second, self.config.proxy.dns_burst),
+        )
+        self.dns_listener = await open_dns_listener(listen, handler, self._owners)
 
     def _protocol_for(self, kind: ListenerKind) -> asyncio.Protocol:
         context = self.context
@@ -368,6 +396,9 @@ class ProxyRuntime:
     async def _release_resources(self) -> None:
         self.holder.on_installed = None  # a cycle through the runtime, frozen at start
         await self.listeners.close()
+        if self.dns_listener is not None:
+            await self.dns_listener.aclose()
+            self.dns_listener = None
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
             self._admin_runner = None
@@ -391,6 +422,7 @@ class ProxyRuntime:
         while True:
             await asyncio.sleep(_SWEEP_SECONDS)
             self.resolver.sweep()
+            self.answered.sweep()
 
     # --- reload ---------------------------------------------------------------------------------
     async def _reload_loop(self) -> None:

@@ -9,7 +9,13 @@ from __future__ import annotations
 
 from typing import Final
 
-from egress.config.model import Config, RatelimitBackend, RedisErrorPolicy, RuleStore
+from egress.config.model import (
+    Config,
+    FirewallMode,
+    RatelimitBackend,
+    RedisErrorPolicy,
+    RuleStore,
+)
 from rules.apps import Limits
 from rules.lint import dead_address_rules
 
@@ -46,6 +52,17 @@ def warnings_for(config: Config) -> list[str]:
         found.append(
             'rules.version: ignored with rules.store = "redis" (the store keeps its own'
             " version; see `egress rules list`)"
+        )
+    if config.proxy.dns_listen is not None and config.firewall.mode is not FirewallMode.TRANSPARENT:
+        found.append(
+            "proxy.dns_listen: the firewall redirects sandbox DNS to it only in transparent"
+            ' mode (firewall.mode = "explicit" here); programs must be pointed at it by hand'
+        )
+    elif config.firewall.mode is FirewallMode.TRANSPARENT and config.proxy.dns_listen is None:
+        found.append(
+            'firewall.mode: "transparent" without proxy.dns_listen: sandboxed programs cannot'
+            " resolve names (their DNS is rejected), so hostname rules match only for Python"
+            " apps using the shim; set proxy.dns_listen"
         )
     if config.admin.tokens and config.admin.listen is None:
         found.append(

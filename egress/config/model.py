@@ -163,6 +163,11 @@ class ProxyConfig:
     unix_socket_owner: str | int | None = None
     unix_socket_group: str | int | None = None
     transparent_listen: ListenAddress | None = None
+    # The sandbox DNS listener (UDP and TCP on one address): the firewall redirects sandbox
+    # port-53 traffic here in transparent mode.
+    dns_listen: ListenAddress | None = None
+    dns_queries_per_second: float = 100.0  # per app, on this node (over it: REFUSED)
+    dns_burst: int = 200
     handshake_timeout: float = 5.0
     connect_timeout: float = 5.0
     idle_timeout: float = 300.0

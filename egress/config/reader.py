@@ -140,6 +140,16 @@ _LISTENER_KEYS: Final = ("socks5_listen", "http_listen", "unix_socket", "transpa
 _LISTEN_LIST = 'a list of "HOST:PORT" strings'
 
 
+def _dns_listen(raw: Any) -> ListenAddress:
+    address = _listen(raw)
+    if not ip_address(address.host).is_loopback:
+        raise RejectedError(
+            'a loopback address such as "127.0.0.1:15053"',
+            "the DNS listener identifies apps by the uid owning the local socket",
+        )
+    return address
+
+
 def _read_proxy(t: Table) -> ProxyConfig:
     d = ProxyConfig()
     proxy = ProxyConfig(
@@ -150,6 +160,11 @@ def _read_proxy(t: Table) -> ProxyConfig:
         unix_socket_owner=t.value("unix_socket_owner", _principal("user"), d.unix_socket_owner),
         unix_socket_group=t.value("unix_socket_group", _principal("group"), d.unix_socket_group),
         transparent_listen=t.value("transparent_listen", _listen, d.transparent_listen),
+        dns_listen=t.value("dns_listen", _dns_listen, d.dns_listen),
+        dns_queries_per_second=t.value(
+            "dns_queries_per_second", _seconds, d.dns_queries_per_second
+        ),
+        dns_burst=t.value("dns_burst", integer(1), d.dns_burst),
         handshake_timeout=t.value("handshake_timeout", _seconds, d.handshake_timeout),
         connect_timeout=t.value("connect_timeout", _seconds, d.connect_timeout),
         idle_timeout=t.value("idle_timeout", _seconds, d.idle_timeout),
@@ -335,6 +350,8 @@ def _check_listeners(reader: Reader, proxy: ProxyConfig, admin: AdminConfig) -> 
     used += [(f"proxy.http_listen[{i}]", a) for i, a in enumerate(proxy.http_listen)]
     if proxy.transparent_listen is not None:
         used.append(("proxy.transparent_listen", proxy.transparent_listen))
+    if proxy.dns_listen is not None:  # its TCP side; UDP ports are another space
+        used.append(("proxy.dns_listen", proxy.dns_listen))
     if admin.listen is not None:
         used.append(("admin.listen", admin.listen))
     first_use: dict[ListenAddress, str] = {}

@@ -35,6 +35,8 @@ def summarize(config: Config) -> str:
         )
     if p.transparent_listen is not None:
         lines.append(f"  transparent  {p.transparent_listen}")
+    if p.dns_listen is not None:
+        lines.append(f"  dns          {p.dns_listen} (UDP and TCP; sandbox A/AAAA by policy)")
     lines.append(
         f"  timeouts: handshake {_s(p.handshake_timeout)}, connect {_s(p.connect_timeout)},"
         f" idle {_s(p.idle_timeout)}, drain {_s(p.drain_timeout)}"

@@ -266,7 +266,7 @@ class ClientConnection(asyncio.Protocol):
     async def _establish(self, app: AppPolicy, host: str | IPAddress, port: int) -> None:
         ctx = self.ctx
         deadline = ctx.loop.time() + self.settings.connect_timeout  # DNS and every dial attempt
-        names_for = ctx.resolver.cached_names_for if self.kind is ListenerKind.TRANSPARENT else None
+        names_for = ctx.names_for(app.name) if self.kind is ListenerKind.TRANSPARENT else None
         verdict = await evaluate(
             app, host, port, resolve=ctx.resolve, names_for=names_for, deadline=deadline
         )
@@ -439,7 +439,7 @@ class ClientConnection(asyncio.Protocol):
             port,
             verdict.addresses if dialled is None else (dialled.address,),
             allowed_by=verdict.rule,
-            names_for=self.ctx.resolver.cached_names_for if transparent else None,
+            names_for=self.ctx.names_for(policy.name) if transparent else None,
         )
         if not again.allowed:
             self._revoke(f"{again.reason}: {again.detail or OUTCOMES[again.outcome].detail}")
