@@ -18,7 +18,13 @@ Layout per family (the only changes to built-in chains are one jump per table)::
     EGRESS-REJECT        TCP: reset; everything else (UDP, DNS, ICMP): admin-prohibited
     nat OUTPUT           (transparent mode) -I 1 -j EGRESS-NAT
     EGRESS-NAT           -m owner --uid-owner R -j EGRESS-NAT-SANDBOX
-    EGRESS-NAT-SANDBOX   RETURN for the proxy's own listeners, then REDIRECT all TCP
+    EGRESS-NAT-SANDBOX   RETURN for the proxy's own listeners, then (with proxy.dns_listen)
+                         REDIRECT UDP and TCP to port 53 to the DNS listener, then REDIRECT
+                         all TCP to the transparent listener
+
+With ``proxy.dns_listen`` in transparent mode, EGRESS-SANDBOX also accepts UDP to the DNS
+listener (its TCP side is one more proxy listener): after the nat REDIRECT, the filter table sees
+the rewritten destination, so those accepts are what let redirected DNS through and nothing else.
 
 Every rule carries a comment ``egress [app=NAME ]h=HASH`` where HASH covers the rule's chain and
 content, so a rule in our chains whose tag does not verify was made by hand. The OUTPUT jump's
@@ -199,8 +205,8 @@ def _families_of(address: ListenAddress) -> tuple[Family, ...]:
     return ("ipv6",) if ":" in address.host else ("ipv4",)
 
 
-def _listener_matches(address: ListenAddress) -> str:
-    """Matches for TCP to one proxy listener.
+def _listener_matches(address: ListenAddress, protocol: str = "tcp") -> str:
+    """Matches for TCP (or UDP) to one proxy listener.
 
     A specific address matches by destination. An unspecified one (0.0.0.0 / ::) means "any
     local address": ``-m addrtype --dst-type LOCAL`` says exactly that (``-o lo`` would not: in
@@ -208,9 +214,9 @@ def _listener_matches(address: ListenAddress) -> str:
     """
     ip = ipaddress.ip_address(address.host)
     if ip.is_unspecified:
-        return f"-p tcp -m tcp --dport {address.port} -m addrtype --dst-type LOCAL"
+        return f"-p {protocol} -m {protocol} --dport {address.port} -m addrtype --dst-type LOCAL"
     prefix = 128 if ip.version == 6 else 32
-    return f"-d {ip}/{prefix} -p tcp -m tcp --dport {address.port}"
+    return f"-d {ip}/{prefix} -p {protocol} -m {protocol} --dport {address.port}"
 
 
 def _overlaps(a: UidRange, b: UidRange) -> bool:
@@ -274,7 +280,16 @@ def build_plan(config: Config) -> FirewallPlan:
     transparent = proxy.transparent_listen if fw.mode is FirewallMode.TRANSPARENT else None
     if transparent is not None:
         listeners.append(transparent)
+    dns = proxy.dns_listen if fw.mode is FirewallMode.TRANSPARENT else None
+    if dns is not None:
+        listeners.append(dns)
     listeners = list(dict.fromkeys(listeners))
+    if dns is not None and transparent is not None:
+        for other in (f for f in _families_of(transparent) if f not in _families_of(dns)):
+            warnings.append(
+                f"transparent mode: {other} DNS from sandbox uids is rejected, not answered"
+                f" (proxy.dns_listen {dns} is {_families_of(dns)[0]} only)"
+            )
     if fw.mode is FirewallMode.TRANSPARENT and transparent is not None:
         served = _families_of(transparent)
         for other in (f for f in FAMILIES if f not in served):
@@ -286,10 +301,11 @@ def build_plan(config: Config) -> FirewallPlan:
 
     tables: list[TablePlan] = []
     for family in FAMILIES:
-        tables.append(_filter_plan(family, sandbox, listeners, app_ranges))
+        family_dns = dns if dns is not None and family in _families_of(dns) else None
+        tables.append(_filter_plan(family, sandbox, listeners, app_ranges, family_dns))
         nat: dict[str, tuple[PlannedRule, ...]] = {}
         if transparent is not None and family in _families_of(transparent) and sandbox:
-            nat = _nat_chains(family, sandbox, listeners, transparent)
+            nat = _nat_chains(family, sandbox, listeners, transparent, family_dns)
         tables.append(TablePlan(family, "nat", nat))
     return FirewallPlan(
         tables=tuple(tables),
@@ -303,6 +319,7 @@ def _filter_plan(
     sandbox: list[UidRange],
     listeners: list[ListenAddress],
     app_ranges: list[tuple[str, UidRange]],
+    dns: ListenAddress | None = None,
 ) -> TablePlan:
     if not sandbox:
         return TablePlan(family, "filter", {})
@@ -316,6 +333,8 @@ def _filter_plan(
         for a in listeners
         if family in _families_of(a)
     ]
+    if dns is not None:
+        accepts.append(PlannedRule(SANDBOX_CHAIN, _listener_matches(dns, "udp"), "-j ACCEPT"))
     counting = [
         PlannedRule(
             SANDBOX_CHAIN, f"-m owner --uid-owner {_uid_text(r)}", f"-j {REJECT_CHAIN}", app
@@ -343,6 +362,7 @@ def _nat_chains(
     sandbox: list[UidRange],
     listeners: list[ListenAddress],
     transparent: ListenAddress,
+    dns: ListenAddress | None = None,
 ) -> dict[str, tuple[PlannedRule, ...]]:
     nat = tuple(
         PlannedRule(NAT_CHAIN, f"-m owner --uid-owner {_uid_text(r)}", f"-j {NAT_SANDBOX_CHAIN}")
@@ -353,5 +373,12 @@ def _nat_chains(
         for a in listeners
         if family in _families_of(a) and a != transparent
     ]
+    if dns is not None:  # the DNS listener's own TCP port is among the RETURNs above
+        returns += [
+            PlannedRule(
+                NAT_SANDBOX_CHAIN, f"-p {protocol} -m {protocol} --dport 53", _redirect_target(dns)
+            )
+            for protocol in ("udp", "tcp")
+        ]
     redirect = PlannedRule(NAT_SANDBOX_CHAIN, "-p tcp", _redirect_target(transparent))
     return {NAT_CHAIN: nat, NAT_SANDBOX_CHAIN: (*returns, redirect)}
