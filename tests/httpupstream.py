@@ -11,9 +11,12 @@ from typing import Any
 
 class HttpUpstream:
     """A real HTTP server (``http.server``, its own thread); with ``tls``, HTTPS that records the
-    SNI name of every handshake. GET answers ``hello PATH from NAME``."""
+    SNI name of every handshake. GET answers ``hello PATH from NAME``. ``host``: the address it
+    listens on (loopback by default)."""
 
-    def __init__(self, name: str, tls: ssl.SSLContext | None = None) -> None:
+    def __init__(
+        self, name: str, tls: ssl.SSLContext | None = None, *, host: str = "127.0.0.1"
+    ) -> None:
         self.name = name
         self.requests: list[dict[str, str]] = []  # path, host, user_agent
         self.sni: list[str | None] = []
@@ -55,7 +58,7 @@ class HttpUpstream:
 
         if tls is not None:
             tls.sni_callback = lambda _sock, name, _ctx: self.sni.append(name)
-        self.server = Server(("127.0.0.1", 0), Handler)
+        self.server = Server((host, 0), Handler)
         self.port: int = self.server.server_address[1]
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
