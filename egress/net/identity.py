@@ -255,6 +255,13 @@ class _SockDiag:
     datagrams. Created in ``__init__``, so in the caller's network namespace."""
 
     def __init__(self, *, timeout_s: float = 0.2) -> None:
+        self._timeout_s = timeout_s
+        self._sock: socket.socket | None = self._open(timeout_s)
+        self._seq = 0
+        self._buf = bytearray(_RECV_BUFSIZE)
+
+    @staticmethod
+    def _open(timeout_s: float) -> socket.socket:
         sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, _NETLINK_SOCK_DIAG)
         try:
             sock.settimeout(None)  # really blocking, whatever socket.setdefaulttimeout() says
@@ -266,15 +273,19 @@ class _SockDiag:
         except BaseException:
             sock.close()
             raise
-        self._sock: socket.socket | None = sock
-        self._seq = 0
-        self._buf = bytearray(_RECV_BUFSIZE)
+        return sock
 
     def close(self) -> None:
         """Close the netlink socket. Idempotent."""
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+
+    def _reset(self) -> None:
+        """A fresh netlink socket: drops the rest of a dump read only in part (the kernel
+        would otherwise go on with it, and refuse a new request while it runs)."""
+        self.close()
+        self._sock = self._open(self._timeout_s)
 
     def _send(self, q: _Query, *, protocol: int, flags: int) -> tuple[int, bytes]:
         """Send one request; its sequence number and its packed socket id (ports, addresses)."""
@@ -497,7 +508,6 @@ class ConnectionOwners:
 # --- UDP: the sandbox DNS listener --------------------------------------------------------------
 
 _NLM_F_DUMP: Final = 0x300  # NLM_F_ROOT | NLM_F_MATCH
-_MAX_DUMP_SOCKETS: Final = 1_000_000
 
 
 class AmbiguousOwnerError(OSError):
@@ -510,17 +520,25 @@ class UdpOwnerLookup(_SockDiag):
     A UDP query carries nothing but its source address and port. The client socket may be
     connected to the nameserver it *meant* to ask (glibc and Go connect theirs), which after a
     ``REDIRECT`` is an address only conntrack knows, so the exact-id lookup TCP uses cannot find
-    it. Instead this asks the kernel for every UDP socket bound to the source port (the kernel
-    filters by port; ``inet_diag`` lets unprivileged processes do this) and keeps those bound to
-    the source address or to the wildcard. One uid: that is the sender. Several uids (sockets
-    sharing a port with ``SO_REUSEADDR``): :class:`AmbiguousOwnerError`, never a guess. The kernel
-    walks its UDP hash table for a dump, so a lookup costs tens of µs more than a TCP one; it runs
-    once per query, not per packet of a tunnel.
+    it. Instead this asks the kernel for every UDP socket on the source port (the kernel filters
+    a dump by port; ``inet_diag`` lets unprivileged processes do this) and keeps every one that
+    *could* have sent the datagram: the source address proves nothing, because a socket bound
+    to any local address may send from any other with ``IP_PKTINFO``. So for IPv4, every IPv4
+    socket on the port and every IPv6 one that can send IPv4 (bound to ``::`` or a v4-mapped
+    address, and not reported ``IPV6_V6ONLY``); for IPv6, every IPv6 socket on the port.
 
-    The answer is sent to the same address and port, so it reaches the socket that owns the port
-    *now*, judged under that socket's own app: a port reused between the query and the lookup
+    One uid among them: that is the sender. Several uids (another app on the port, through a
+    second address or ``SO_REUSEADDR``): :class:`AmbiguousOwnerError`, never a guess; so is more
+    than :data:`MAX_SOCKETS_PER_PORT` sockets on the port (one uid can pile up ``SO_REUSEPORT``
+    sockets; their walk must not grow with it). A dump costs tens of µs more than a TCP lookup;
+    it runs once per query, not per packet of a tunnel.
+
+    The answer is sent to the same address and port, so it reaches a socket on that port: a
+    sender gone between the query and the lookup is refused (``None``), and a port reused since
     gets an answer its new owner was entitled to anyway.
     """
+
+    MAX_SOCKETS_PER_PORT: Final = 64
 
     def lookup(self, host: str, port: int) -> int | None:
         """The uid sending from ``host:port`` (a local address), or ``None`` when no local UDP
@@ -528,44 +546,69 @@ class UdpOwnerLookup(_SockDiag):
         packed = _pack(host)
         if not 0 < port < 65536:
             raise ValueError(f"bad port {port!r}")
-        v4: bytes | None = packed if len(packed) == 4 else None
-        if packed[:12] == _V4_MAPPED_PREFIX:
-            v4 = packed[12:]
-        uids: set[int] = set()
-        if v4 is not None:
-            uids |= self._dump(socket.AF_INET, port, (v4, b"\x00" * 4))
-            if not uids:  # an IPv6 socket sending IPv4 (dual-stack)
-                uids |= self._dump(socket.AF_INET6, port, (_V4_MAPPED_PREFIX + v4, b"\x00" * 16))
-        else:
-            uids |= self._dump(socket.AF_INET6, port, (packed, b"\x00" * 16))
+        ipv4 = len(packed) == 4 or packed[:12] == _V4_MAPPED_PREFIX
+        found: list[int] = []
+        if ipv4:
+            found += self._dump(socket.AF_INET, port, v4_sender=True)
+        found += self._dump(socket.AF_INET6, port, v4_sender=ipv4)
+        uids = set(found)
+        if len(found) > self.MAX_SOCKETS_PER_PORT:
+            raise AmbiguousOwnerError(
+                errno.ENOTUNIQ,
+                f"more than {self.MAX_SOCKETS_PER_PORT} sockets share UDP port {port}",
+            )
         if len(uids) > 1:
             raise AmbiguousOwnerError(
                 errno.ENOTUNIQ, f"UDP port {port} is shared by sockets of uids {sorted(uids)}"
             )
         return next(iter(uids), None)
 
-    def _dump(self, family: int, port: int, accepted: tuple[bytes, bytes]) -> set[int]:
+    def _dump(self, family: int, port: int, *, v4_sender: bool) -> list[int]:
+        """The uids of the sockets of ``family`` on ``port`` that could have sent the datagram
+        (an IPv4 one: ``v4_sender``); past MAX_SOCKETS_PER_PORT, one more and no further."""
         zero = b"\x00" * 16  # the kernel filters a dump by source port only
         seq, _ = self._send(
             _Query(family, zero, port, zero, 0),
             protocol=socket.IPPROTO_UDP,
             flags=_NLM_F_REQUEST | _NLM_F_DUMP,
         )
-        uids: set[int] = set()
-        seen = 0
-        size = 4 if family == socket.AF_INET else 16
+        uids: list[int] = []
         for data in self._datagrams():
-            for mtype, body, _length in _messages(data, seq):
+            for mtype, body, length in _messages(data, seq):
                 if mtype == _NLMSG_DONE:
                     return uids
-                seen += 1
-                if seen > _MAX_DUMP_SOCKETS:
-                    raise OSError(errno.E2BIG, "sock_diag: too many UDP sockets on one port")
                 fields = _DIAG_MSG.unpack_from(data, body)
                 sockid, uid = fields[4], fields[-2]
-                if int.from_bytes(sockid[0:2], "big") == port and sockid[4 : 4 + size] in accepted:
-                    uids.add(int(uid))
+                if int.from_bytes(sockid[0:2], "big") != port:
+                    continue
+                if family == socket.AF_INET6 and v4_sender:
+                    local = bytes(sockid[4:20])
+                    sends_v4 = local == b"\x00" * 16 or local[:12] == _V4_MAPPED_PREFIX
+                    if not sends_v4 or _v6only(data, body + _DIAG_MSG.size, body - 16 + length):
+                        continue
+                uids.append(int(uid))
+                if len(uids) > self.MAX_SOCKETS_PER_PORT:
+                    self._reset()  # the rest of the dump is not wanted
+                    return uids
         raise AssertionError("unreachable")  # _datagrams() ends only by raising
+
+
+_INET_DIAG_SKV6ONLY: Final = 11  # linux/inet_diag.h; sent for unconnected (CLOSE) sockets
+_RTATTR: Final = struct.Struct("=HH")
+
+
+def _v6only(data: memoryview, offset: int, end: int) -> bool:
+    """Whether the attributes after an ``inet_diag_msg`` say ``IPV6_V6ONLY``. The kernel
+    reports it for unconnected sockets only; a connected one counts as able to send IPv4 (more
+    candidates: an ambiguity refused, never a wrong sender)."""
+    while offset + _RTATTR.size <= end:
+        length, kind = _RTATTR.unpack_from(data, offset)
+        if length < _RTATTR.size:
+            return False
+        if kind == _INET_DIAG_SKV6ONLY and length >= _RTATTR.size + 1:
+            return bool(data[offset + _RTATTR.size])
+        offset += (length + 3) & ~3
+    return False
 
 
 # --- choice at start-up -------------------------------------------------------------------------
