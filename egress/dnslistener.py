@@ -25,7 +25,8 @@ node, over which it gets REFUSED; a query is at most :data:`egress.proto.dns.MAX
 at most :data:`MAX_IN_FLIGHT` queries are being answered at once and
 :data:`MAX_IN_FLIGHT_PER_APP` per app (a flood of one app's slow lookups cannot hold the others'
 up); TCP connections are capped
-(:data:`MAX_TCP_CONNECTIONS`) and closed after :data:`TCP_IDLE_SECONDS` without a query.
+(:data:`MAX_TCP_CONNECTIONS`, :data:`MAX_TCP_CONNECTIONS_PER_APP`; a uid in no app is closed
+at accept) and closed after :data:`TCP_IDLE_SECONDS` without a complete query.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ __all__ = [
     "MAX_IN_FLIGHT",
     "MAX_IN_FLIGHT_PER_APP",
     "MAX_TCP_CONNECTIONS",
+    "MAX_TCP_CONNECTIONS_PER_APP",
     "TCP_IDLE_SECONDS",
     "Answer",
     "SandboxDns",
@@ -76,6 +78,7 @@ IPAddress = IPv4Address | IPv6Address
 MAX_IN_FLIGHT: Final = 1024
 MAX_IN_FLIGHT_PER_APP: Final = 64
 MAX_TCP_CONNECTIONS: Final = 256
+MAX_TCP_CONNECTIONS_PER_APP: Final = 16
 TCP_IDLE_SECONDS: Final = 10.0
 LISTENER: Final = "dns"
 
@@ -138,6 +141,15 @@ class SandboxDns:
 
     def busy(self) -> bool:
         return self.in_flight >= MAX_IN_FLIGHT
+
+    def app_of(self, uid: int | None) -> str | None:
+        """The app of ``uid`` under the rules in force, if any."""
+        app = self._rules.current.app_for_uid(uid) if uid is not None else None
+        return None if app is None else app.name
+
+    def refused_connection(self, app: str | None) -> None:
+        """A DNS-over-TCP connection closed at accept (no app, or over a cap)."""
+        self._metrics.dns_listener_query(app or UNKNOWN_APP, Answer.REFUSED.value, 0.0)
 
     def dropped(self) -> None:
         """A query not even read: the listener already answers MAX_IN_FLIGHT."""
@@ -371,23 +383,35 @@ class _TcpProtocol(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._buffer = bytearray()
         self._uid: int | None = None
-        self._identity_error: str | None = None
+        self._app: str | None = None
         self._queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize=4)
         self._worker: asyncio.Task[None] | None = None
         self._idle: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Admitted only for a uid of an app, within the app's share of connections and the
+        listener's: a connection is held by its app, so no uid can take them all."""
         transport = cast(asyncio.Transport, transport)
         self._transport = transport
         server = self._server
-        if len(server.tcp_connections) >= MAX_TCP_CONNECTIONS:
-            transport.abort()
-            return
-        server.tcp_connections.add(self)
         try:
             self._uid = self._identify(transport)
-        except (OSError, ValueError) as exc:
-            self._identity_error = str(exc)
+        except (OSError, ValueError):
+            self._uid = None
+        app = server.handler.app_of(self._uid)
+        held = server.tcp_per_app.get(app, 0) if app is not None else 0
+        if (
+            app is None
+            or held >= MAX_TCP_CONNECTIONS_PER_APP
+            or len(server.tcp_connections) >= MAX_TCP_CONNECTIONS
+        ):
+            server.handler.refused_connection(app)
+            transport.abort()
+            self._transport = None
+            return
+        self._app = app
+        server.tcp_per_app[app] = held + 1
+        server.tcp_connections.add(self)
         self._worker = asyncio.get_running_loop().create_task(self._work())
         self._touch()
 
@@ -403,9 +427,7 @@ class _TcpProtocol(asyncio.Protocol):
         return self._server.tcp_owners(transport, remote=remote)
 
     def _sender(self) -> int | None:
-        if self._identity_error is not None:
-            raise OSError(self._identity_error)
-        return self._uid
+        return self._uid  # identified once, at accept
 
     def _touch(self) -> None:
         if self._idle is not None:
@@ -418,8 +440,9 @@ class _TcpProtocol(asyncio.Protocol):
             self._transport.close()
 
     def data_received(self, data: bytes) -> None:
+        """Queries out of the byte stream. Only a complete query restarts the idle timer: a
+        client trickling bytes that never make one is closed like an idle one."""
         self._buffer += data
-        self._touch()
         while len(self._buffer) >= 2:
             length = int.from_bytes(self._buffer[:2], "big")
             if length > wire.MAX_QUERY_BYTES or length == 0:
@@ -429,6 +452,7 @@ class _TcpProtocol(asyncio.Protocol):
                 break
             query = bytes(self._buffer[2 : 2 + length])
             del self._buffer[: 2 + length]
+            self._touch()
             try:
                 self._queue.put_nowait(query)
             except asyncio.QueueFull:  # pipelining past what we answer at once
@@ -466,7 +490,15 @@ class _TcpProtocol(asyncio.Protocol):
             transport.write(len(reply).to_bytes(2, "big") + reply)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._server.tcp_connections.discard(self)
+        server = self._server
+        if self in server.tcp_connections:
+            server.tcp_connections.discard(self)
+            assert self._app is not None
+            left = server.tcp_per_app[self._app] - 1
+            if left:
+                server.tcp_per_app[self._app] = left
+            else:
+                del server.tcp_per_app[self._app]
         if self._idle is not None:
             self._idle.cancel()
         if self._worker is not None:
@@ -485,6 +517,7 @@ class DnsListener:
         self.handler = handler
         self.tcp_owners = tcp_owners
         self.tcp_connections: set[_TcpProtocol] = set()
+        self.tcp_per_app: dict[str, int] = {}
         self.address = ""
         self.address_tuple: tuple[IPAddress, int] | None = None
         self._udp: _UdpProtocol | None = None
