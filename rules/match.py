@@ -37,9 +37,10 @@ class _PortIndex:
     """The rules of one target, as disjoint port intervals each mapped to the first rule (in
     config order) whose ports cover it: a lookup is one binary search, however many rules."""
 
-    __slots__ = ("_ends", "_rules", "_starts")
+    __slots__ = ("_ends", "_rules", "_starts", "ordered")
 
     def __init__(self, rules: Sequence[Rule]) -> None:
+        self.ordered = tuple(rules)  # every rule of the target, in config order
         # Sweep the range boundaries; between two boundaries the first active rule decides.
         edges: dict[int, list[tuple[int, int]]] = {}  # start -> (rule order, end) opening there
         for order, rule in enumerate(rules):
@@ -68,11 +69,6 @@ class _PortIndex:
         self._starts = starts
         self._ends = ends
         self._rules = chosen
-
-    @property
-    def rules(self) -> list[Rule]:
-        """The rules chosen for some port range, in range order (repeats possible)."""
-        return self._rules
 
     def first_for_port(self, port: int) -> Rule | None:
         index = bisect_right(self._starts, port) - 1
@@ -306,13 +302,12 @@ class CompiledRules:
         return tuple(dict.fromkeys(found))
 
     def _target_rules(self, found: int) -> list[Rule]:
-        """The rules a table gave for one target (with a port index: one rule per port range
-        it covers, enough to say what the target allows)."""
+        """The rules a table gave for one target, in config order."""
         if found >= 0:
             return [self._rules[found]]
         group = self._groups[~found]
         if isinstance(group, _PortIndex):
-            return list(dict.fromkeys(group.rules))
+            return list(group.ordered)
         return [self._rules[position] for position in group]
 
     def match_address(self, ip: IPv4Address | IPv6Address, port: int) -> Rule | None:

@@ -245,4 +245,8 @@ def to_wire(reply: dns.message.Message, query: dns.message.Message | None, *, ud
     except dns.exception.TooBig:
         reply.answer.clear()
         reply.flags |= dns.flags.TC
+    try:
+        return reply.to_wire(max_size=limit)
+    except dns.exception.TooBig:  # an error reply echoing questions that cannot all fit
+        reply.question.clear()
         return reply.to_wire(max_size=limit)
