@@ -58,6 +58,13 @@ def warnings_for(config: Config) -> list[str]:
             "proxy.dns_listen: the firewall redirects sandbox DNS to it only in transparent"
             ' mode (firewall.mode = "explicit" here); programs must be pointed at it by hand'
         )
+    elif config.proxy.dns_listen is not None and config.proxy.dns_listen.port >= 1024:
+        found.append(
+            f"proxy.dns_listen: port {config.proxy.dns_listen.port} is one any user may bind:"
+            " while the proxy is down, a sandbox app could bind it and read the DNS questions"
+            " the firewall redirects there from other apps; use a port below 1024, e.g."
+            ' "127.0.0.153:53" (the proxy then needs CAP_NET_BIND_SERVICE)'
+        )
     elif config.firewall.mode is FirewallMode.TRANSPARENT and config.proxy.dns_listen is None:
         found.append(
             'firewall.mode: "transparent" without proxy.dns_listen: sandboxed programs cannot'

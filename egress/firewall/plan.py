@@ -242,11 +242,15 @@ def _merge(ranges: Iterable[UidRange]) -> list[UidRange]:
     return merged
 
 
+_REDIRECTED_TO: Final = (ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1"))
+
+
 def _redirect_target(address: ListenAddress) -> str:
-    """REDIRECT reaches the loopback address of the family (127.0.0.1 / ::1) in OUTPUT, which a
-    loopback or unspecified listener receives; any other address needs DNAT to it."""
+    """REDIRECT in OUTPUT rewrites the destination to the family's loopback address
+    (127.0.0.1 / ::1), which a listener there or on the unspecified address receives; any other
+    address (127.0.0.153 included: it is loopback, but not the one REDIRECT picks) needs DNAT."""
     ip = ipaddress.ip_address(address.host)
-    if ip.is_loopback or ip.is_unspecified:
+    if ip in _REDIRECTED_TO or ip.is_unspecified:
         return f"-j REDIRECT --to-ports {address.port}"
     return f"-j DNAT --to-destination {address}"
 

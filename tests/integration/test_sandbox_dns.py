@@ -42,6 +42,7 @@ NAMESPACE_ADDRESSES = (
     f"{INTERNET_V6}/128",
 )
 STRANGER_UID = 10003  # a sandbox uid in no app
+DNS_LISTEN = "127.0.0.153:53"
 
 
 def free_port_both() -> int:
@@ -66,7 +67,9 @@ def dns_config(dns: DnsStub, web_port: int, tmp_path: Path, **extra: Any) -> dic
             "socks5_listen": [f"127.0.0.1:{free_port_both()}"],
             "http_listen": [],
             "transparent_listen": f"127.0.0.1:{free_port_both()}",
-            "dns_listen": f"127.0.0.1:{free_port_both()}",
+            # As the README advises: a loopback address of its own (so the firewall DNATs to
+            # it) and a port below 1024, which no sandbox app can bind while the proxy is down.
+            "dns_listen": DNS_LISTEN,
         },
         resolver={"nameservers": [dns.address], "min_ttl": 1.0, "max_ttl": 60.0},
         security={"allow_special": ["10.77.0.0/16", "fd77::/16"]},
