@@ -59,6 +59,9 @@ class AnsweredNames:
 
     def remember(self, app: str, name: str, addresses: Iterable[IPAddress], ttl: float) -> None:
         """``name`` was answered to ``app`` with ``addresses``, valid ``ttl`` seconds."""
+        addresses = list(addresses)
+        if not addresses:
+            return
         now = self._clock()
         until = now + max(0.0, ttl) + self._grace
         table = self._apps.get(app)

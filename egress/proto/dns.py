@@ -185,7 +185,7 @@ def answer(query: Query, addresses: Sequence[IPAddress], ttl: float, *, udp: boo
     """
     records = []
     if addresses:
-        seconds = min(_MAX_TTL, max(1, math.ceil(ttl)))
+        seconds = min(_MAX_TTL, max(1, math.ceil(ttl))) if math.isfinite(ttl) else 1
         rdtype = dns.rdatatype.A if query.qtype == dns.rdatatype.A else dns.rdatatype.AAAA
         for address in addresses:
             packed = address.packed
