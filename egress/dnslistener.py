@@ -35,6 +35,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import struct
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -48,6 +49,7 @@ from egress.config import ListenAddress
 from egress.connlog import ConnectionLog, untrusted
 from egress.context import Identify, SnapshotSource
 from egress.dnsnames import AnsweredNames
+from egress.limits import KeyedRate
 from egress.metrics import UNKNOWN_APP, ProxyMetrics
 from egress.net.identity import UdpOwnerLookup
 from egress.net.transparent import OriginalDestinationError, original_destination
@@ -55,7 +57,6 @@ from egress.outcomes import Outcome
 from egress.proto import dns as wire
 from egress.resolver import Resolution, ResolveError, ResolveFailure
 from egress.server import ListenerError
-from ratelimit.gcra import MICROSECONDS, Rate, take
 from rules.addresses import HostSyntaxError, canonical_host
 from rules.decide import AppPolicy, decide_answer, decide_dns_name
 from rules.special import effective_address
@@ -123,8 +124,7 @@ class SandboxDns:
         metrics: ProxyMetrics,
         connlog: ConnectionLog,
         answered: AnsweredNames,
-        rate: Rate | None = None,
-        clock: Callable[[], float] = time.monotonic,
+        rate: KeyedRate | None = None,
     ) -> None:
         self._rules = rules
         self._resolve = resolve
@@ -133,11 +133,7 @@ class SandboxDns:
         self.answered = answered
         self.in_flight = 0
         self._per_app: dict[str, int] = {}
-        rate = rate if rate is not None else Rate(100.0, 200)
-        self._interval = rate.interval(MICROSECONDS)
-        self._capacity = rate.capacity(MICROSECONDS)
-        self._tats: dict[str, int] = {}  # app -> GCRA theoretical arrival time (µs)
-        self._clock = clock
+        self._rate = rate if rate is not None else KeyedRate(100.0, 200)
 
     def busy(self) -> bool:
         return self.in_flight >= MAX_IN_FLIGHT
@@ -187,9 +183,7 @@ class SandboxDns:
             who = "no local socket" if result.uid is None else f"uid {result.uid} belongs to no app"
             return self._refuse(query, result, udp, Outcome.UNKNOWN_CLIENT, who)
         result.app = app.name
-        now = int(self._clock() * MICROSECONDS)
-        taken = take(self._tats.get(app.name, now), now, self._interval, self._capacity)
-        if not taken.granted:
+        if not self._rate.take(app.name):
             return self._refuse(
                 query,
                 result,
@@ -197,7 +191,6 @@ class SandboxDns:
                 Outcome.RATE_LIMITED,
                 f'app "{app.name}" is over its DNS query rate (proxy.dns_queries_per_second)',
             )
-        self._tats[app.name] = taken.tat
         count = self._per_app.get(app.name, 0)
         if count >= MAX_IN_FLIGHT_PER_APP:
             return self._refuse(
@@ -338,41 +331,78 @@ class SandboxDns:
 # --- transports ---------------------------------------------------------------------------------
 
 
-class _UdpProtocol(asyncio.DatagramProtocol):
-    def __init__(self, handler: SandboxDns, owners: UdpOwnerLookup) -> None:
+SO_RCVMARK: Final = 75  # asm-generic/socket.h (Linux 5.19): the packet mark as ancillary data
+_SO_MARK: Final = 36
+_MARK: Final = struct.Struct("=I")
+_READS_PER_WAKEUP: Final = 64  # then the loop's other work gets its turn
+
+
+class _UdpEndpoint:
+    """The UDP side: datagrams read with ``recvmsg`` (a transport gives no ancillary data), so
+    the packet mark the firewall set (the sending app's first uid) arrives with each query."""
+
+    def __init__(self, sock: socket.socket, handler: SandboxDns, owners: UdpOwnerLookup) -> None:
+        self.sock = sock
         self._handler = handler
         self._owners = owners
-        self._transport: asyncio.DatagramTransport | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._loop = asyncio.get_running_loop()
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, SO_RCVMARK, 1)
+            self.marks = True
+        except OSError as exc:  # a kernel before 5.19: the sock_diag lookup alone
+            log.warning("dns listener: no SO_RCVMARK (%s); senders found by sock_diag only", exc)
+            self.marks = False
+        self._loop.add_reader(sock.fileno(), self._readable)
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # asyncio's own datagram transport does not subclass DatagramTransport (3.11).
-        self._transport = cast(asyncio.DatagramTransport, transport)
+    def _readable(self) -> None:
+        for _ in range(_READS_PER_WAKEUP):
+            try:
+                data, ancillary, _flags, addr = self.sock.recvmsg(
+                    wire.MAX_QUERY_BYTES + 1, socket.CMSG_SPACE(_MARK.size)
+                )
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # e.g. an ICMP error of an earlier send
+                log.debug("dns listener: %s", exc)
+                return
+            mark = 0
+            for level, kind, payload in ancillary:
+                if level == socket.SOL_SOCKET and kind == _SO_MARK and len(payload) >= _MARK.size:
+                    (mark,) = _MARK.unpack_from(payload)
+            # Counted before any task runs: a burst read in one turn cannot get past the cap.
+            if len(self._tasks) >= MAX_IN_FLIGHT:
+                self._handler.dropped()  # no answer: the client's own retry comes later
+                continue
+            task = self._loop.create_task(self._serve(data, addr, mark))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
-    def datagram_received(self, data: bytes, addr: Any) -> None:
-        # Counted before any task runs: a burst read in one loop turn cannot get past the cap.
-        if len(self._tasks) >= MAX_IN_FLIGHT:
-            self._handler.dropped()  # no answer: the client's own retry comes later
-            return
-        task = asyncio.get_running_loop().create_task(self._serve(data, addr))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    def _sender(self, host: str, port: int, mark: int) -> int | None:
+        """The sending uid. A mark names the sending app (the kernel's owner match, set by the
+        firewall); the sender is then that app's socket on the port, and no other app's, however
+        many share it. Without one, the sock_diag lookup alone decides."""
+        if not mark:
+            return self._owners.lookup(host, port)
+        app = self._handler.app_of(mark)
+        if app is None:
+            return None
+        return self._owners.lookup(host, port, claimed=lambda uid: self._handler.app_of(uid) == app)
 
-    async def _serve(self, data: bytes, addr: Any) -> None:
+    async def _serve(self, data: bytes, addr: Any, mark: int) -> None:
         host, port = addr[0], addr[1]
-        reply = await self._handler.handle(data, lambda: self._owners.lookup(host, port), udp=True)
-        if reply is not None and self._transport is not None and not self._transport.is_closing():
-            self._transport.sendto(reply, addr)
-
-    def error_received(self, exc: Exception) -> None:  # ICMP errors of earlier sends
-        log.debug("dns listener: %s", exc)
+        reply = await self._handler.handle(data, lambda: self._sender(host, port, mark), udp=True)
+        if reply is not None and self.sock.fileno() >= 0:
+            with contextlib.suppress(OSError):  # a full buffer drops it, as the network would
+                self.sock.sendto(reply, addr)
 
     async def aclose(self) -> None:
+        if self.sock.fileno() >= 0:
+            self._loop.remove_reader(self.sock.fileno())
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._transport is not None:
-            self._transport.close()
+        self.sock.close()
 
 
 class _TcpProtocol(asyncio.Protocol):
@@ -520,7 +550,7 @@ class DnsListener:
         self.tcp_per_app: dict[str, int] = {}
         self.address = ""
         self.address_tuple: tuple[IPAddress, int] | None = None
-        self._udp: _UdpProtocol | None = None
+        self._udp: _UdpEndpoint | None = None
         self._udp_owners: UdpOwnerLookup | None = None
         self._tcp: asyncio.Server | None = None
 
@@ -530,17 +560,17 @@ class DnsListener:
         self._udp_owners = UdpOwnerLookup()
         last: OSError | None = None
         for _attempt in range(5 if listen.port == 0 else 1):  # port 0: UDP picks, TCP follows
+            sock = socket.socket(family, socket.SOCK_DGRAM)
             try:
-                _transport, protocol = await loop.create_datagram_endpoint(
-                    lambda: _UdpProtocol(self.handler, self._owners()),
-                    local_addr=(listen.host, listen.port),
-                    family=family,
-                )
+                sock.setblocking(False)
+                sock.bind((listen.host, listen.port))
             except OSError as exc:
+                sock.close()
                 raise ListenerError(
                     f"proxy.dns_listen: cannot listen on {listen} (UDP): {exc.strerror}"
                 ) from exc
-            port = _transport.get_extra_info("sockname")[1]
+            protocol = _UdpEndpoint(sock, self.handler, self._owners())
+            port = sock.getsockname()[1]
             try:
                 self._tcp = await loop.create_server(
                     lambda: _TcpProtocol(self), listen.host, port, family=family,

@@ -29,6 +29,8 @@ import math
 import os
 import secrets
 import socket
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from egress.config import Concurrency, RatelimitBackend, RatelimitConfig
@@ -40,7 +42,7 @@ from egress.shaping import BandwidthShaper, bandwidth_rate
 from ratelimit.base import LimitResult
 from ratelimit.breaker import CircuitBreaker
 from ratelimit.failover import FailurePolicy, Limiter, Mode
-from ratelimit.gcra import Rate
+from ratelimit.gcra import MICROSECONDS, Rate, take
 from ratelimit.memory import MemoryBuckets
 from rules.apps import App, Limits
 
@@ -374,3 +376,29 @@ def node_id() -> str:
     """This process among the nodes: host, pid and a random part (a restarted proxy is a new
     node; the old one's counts expire)."""
     return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+
+
+class KeyedRate:
+    """One node-local GCRA bucket per key (an app name): the sandbox DNS listener's query rate.
+    A dict of integers, one per app that asked; an app's entry is its theoretical arrival time,
+    so an idle app costs one int and nothing ever needs refilling."""
+
+    __slots__ = ("_capacity", "_clock", "_interval", "_tats")
+
+    def __init__(
+        self, per_second: float, burst: int, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        rate = Rate(per_second, burst)
+        self._interval = rate.interval(MICROSECONDS)
+        self._capacity = rate.capacity(MICROSECONDS)
+        self._tats: dict[str, int] = {}
+        self._clock = clock
+
+    def take(self, key: str) -> bool:
+        """One token for ``key`` now, or False (over its rate)."""
+        now = int(self._clock() * MICROSECONDS)
+        taken = take(self._tats.get(key, now), now, self._interval, self._capacity)
+        if not taken.granted:
+            return False
+        self._tats[key] = taken.tat
+        return True

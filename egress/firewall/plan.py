@@ -25,6 +25,8 @@ Layout per family (the only changes to built-in chains are one jump per table)::
 With ``proxy.dns_listen`` in transparent mode, EGRESS-SANDBOX also accepts UDP to the DNS
 listener (its TCP side is one more proxy listener): after the nat REDIRECT, the filter table sees
 the rewritten destination, so those accepts are what let redirected DNS through and nothing else.
+Before the accept, each app range's datagrams are marked with the range's first uid
+(``-j MARK --set-xmark``), which the listener reads as the sender's identity.
 
 Every rule carries a comment ``egress [app=NAME ]h=HASH`` where HASH covers the rule's chain and
 content, so a rule in our chains whose tag does not verify was made by hand. The OUTPUT jump's
@@ -57,6 +59,7 @@ __all__ = [
     "Table",
     "TablePlan",
     "build_plan",
+    "dns_mark",
     "parse_plan_tag",
     "parse_tag",
     "rule_hash",
@@ -219,6 +222,12 @@ def _listener_matches(address: ListenAddress, protocol: str = "tcp") -> str:
     return f"-d {ip}/{prefix} -p {protocol} -m {protocol} --dport {address.port}"
 
 
+def dns_mark(uids: UidRange) -> str:
+    """The packet mark of an app range's DNS queries, as iptables-save prints it: the range's
+    first uid (the listener maps it back to the app)."""
+    return hex(uids.first)
+
+
 def _overlaps(a: UidRange, b: UidRange) -> bool:
     return a.first <= b.last and b.first <= a.last
 
@@ -338,7 +347,19 @@ def _filter_plan(
         if family in _families_of(a)
     ]
     if dns is not None:
-        accepts.append(PlannedRule(SANDBOX_CHAIN, _listener_matches(dns, "udp"), "-j ACCEPT"))
+        # Each app's datagrams to the DNS listener carry its first uid as their mark: a UDP
+        # query says nothing of its sender, but the kernel's owner match does, and the
+        # listener reads the mark (SO_RCVMARK). No app label: these count nothing.
+        udp = _listener_matches(dns, "udp")
+        accepts += [
+            PlannedRule(
+                SANDBOX_CHAIN,
+                f"{udp} -m owner --uid-owner {_uid_text(r)}",
+                f"-j MARK --set-xmark {dns_mark(r)}/0xffffffff",
+            )
+            for _, r in app_ranges
+        ]
+        accepts.append(PlannedRule(SANDBOX_CHAIN, udp, "-j ACCEPT"))
     counting = [
         PlannedRule(
             SANDBOX_CHAIN, f"-m owner --uid-owner {_uid_text(r)}", f"-j {REJECT_CHAIN}", app

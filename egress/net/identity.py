@@ -83,7 +83,7 @@ import os
 import socket
 import struct
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Final, NamedTuple
 
@@ -527,7 +527,9 @@ class UdpOwnerLookup(_SockDiag):
     socket on the port and every IPv6 one that can send IPv4 (bound to ``::`` or a v4-mapped
     address, and not reported ``IPV6_V6ONLY``); for IPv6, every IPv6 socket on the port.
 
-    One uid among them: that is the sender. Several uids (another app on the port, through a
+    One uid among them, with a socket bound to the source address or the wildcard: that is the
+    sender (one bound elsewhere only is taken for a sender that closed before the lookup:
+    ``None``). Several uids (another app on the port, through a
     second address or ``SO_REUSEADDR``): :class:`AmbiguousOwnerError`, never a guess; so is more
     than :data:`MAX_SOCKETS_PER_PORT` sockets on the port (one uid can pile up ``SO_REUSEPORT``
     sockets; their walk must not grow with it). A dump costs tens of µs more than a TCP lookup;
@@ -540,18 +542,28 @@ class UdpOwnerLookup(_SockDiag):
 
     MAX_SOCKETS_PER_PORT: Final = 64
 
-    def lookup(self, host: str, port: int) -> int | None:
+    def lookup(
+        self, host: str, port: int, *, claimed: Callable[[int], bool] | None = None
+    ) -> int | None:
         """The uid sending from ``host:port`` (a local address), or ``None`` when no local UDP
-        socket holds that port (a remote sender, or one already gone)."""
+        socket holds that port (a remote sender, or one already gone).
+
+        ``claimed``: the kernel itself says which app sent the datagram (the firewall marks
+        each app's DNS queries); the sender is then the socket on the port of a uid for which
+        ``claimed`` is true, whatever other sockets share the port, and ``None`` if there is
+        none (the sender closed: nobody to answer)."""
         packed = _pack(host)
         if not 0 < port < 65536:
             raise ValueError(f"bad port {port!r}")
         ipv4 = len(packed) == 4 or packed[:12] == _V4_MAPPED_PREFIX
-        found: list[int] = []
+        source = packed[-4:] if ipv4 else packed
+        found: list[tuple[int, bool]] = []
         if ipv4:
-            found += self._dump(socket.AF_INET, port, v4_sender=True)
-        found += self._dump(socket.AF_INET6, port, v4_sender=ipv4)
-        uids = set(found)
+            found += self._dump(socket.AF_INET, port, source, v4_sender=True)
+        found += self._dump(socket.AF_INET6, port, source, v4_sender=ipv4)
+        uids = {uid for uid, _ in found}
+        if claimed is not None:
+            return next((uid for uid in sorted(uids) if claimed(uid)), None)
         if len(found) > self.MAX_SOCKETS_PER_PORT:
             raise AmbiguousOwnerError(
                 errno.ENOTUNIQ,
@@ -561,18 +573,27 @@ class UdpOwnerLookup(_SockDiag):
             raise AmbiguousOwnerError(
                 errno.ENOTUNIQ, f"UDP port {port} is shared by sockets of uids {sorted(uids)}"
             )
+        if not any(at_source for _, at_source in found):
+            # The one socket left on the port is bound elsewhere: it could have sent from here
+            # only through IP_PKTINFO; far likelier, the sender (another one, on another
+            # address) closed before the lookup. Not a sender we can name.
+            return None
         return next(iter(uids), None)
 
-    def _dump(self, family: int, port: int, *, v4_sender: bool) -> list[int]:
-        """The uids of the sockets of ``family`` on ``port`` that could have sent the datagram
-        (an IPv4 one: ``v4_sender``); past MAX_SOCKETS_PER_PORT, one more and no further."""
+    def _dump(
+        self, family: int, port: int, source: bytes, *, v4_sender: bool
+    ) -> list[tuple[int, bool]]:
+        """``(uid, bound to the source address or the wildcard)`` of each socket of ``family``
+        on ``port`` that could have sent the datagram (an IPv4 one: ``v4_sender``) from
+        ``source`` (4 or 16 bytes); past MAX_SOCKETS_PER_PORT, one more and no further."""
         zero = b"\x00" * 16  # the kernel filters a dump by source port only
         seq, _ = self._send(
             _Query(family, zero, port, zero, 0),
             protocol=socket.IPPROTO_UDP,
             flags=_NLM_F_REQUEST | _NLM_F_DUMP,
         )
-        uids: list[int] = []
+        uids: list[tuple[int, bool]] = []
+        wildcard = b"\x00" * 16
         for data in self._datagrams():
             for mtype, body, length in _messages(data, seq):
                 if mtype == _NLMSG_DONE:
@@ -581,12 +602,14 @@ class UdpOwnerLookup(_SockDiag):
                 sockid, uid = fields[4], fields[-2]
                 if int.from_bytes(sockid[0:2], "big") != port:
                     continue
+                local = bytes(sockid[4:8] if family == socket.AF_INET else sockid[4:20])
                 if family == socket.AF_INET6 and v4_sender:
-                    local = bytes(sockid[4:20])
-                    sends_v4 = local == b"\x00" * 16 or local[:12] == _V4_MAPPED_PREFIX
+                    sends_v4 = local == wildcard or local[:12] == _V4_MAPPED_PREFIX
                     if not sends_v4 or _v6only(data, body + _DIAG_MSG.size, body - 16 + length):
                         continue
-                uids.append(int(uid))
+                    local = local[12:] if local != wildcard else local
+                at_source = local == source or local == wildcard[: len(local)]
+                uids.append((int(uid), at_source))
                 if len(uids) > self.MAX_SOCKETS_PER_PORT:
                     self._reset()  # the rest of the dump is not wanted
                     return uids

@@ -357,8 +357,16 @@ def test_transparent_plan_accepts_dns_udp_before_the_rejects() -> None:
     rejects = [i for i, line in enumerate(sandbox) if line.endswith("-j EGRESS-REJECT")]
     assert len(accept) == 1 and len(tcp_accept) == 1 and len(rejects) == 3  # 2 apps + catch-all
     assert max(accept[0], tcp_accept[0]) < min(rejects)
-    # Only the DNS listener gets a UDP accept: nothing else of UDP is let out.
-    assert [line for line in sandbox if "-p udp" in line] == [sandbox[accept[0]]]
+    # Only the DNS listener gets a UDP accept: nothing else of UDP is let out. Before it, each
+    # app range's queries are marked with the range's first uid (the listener's sender
+    # identity), by rules without an app label (they count no bypasses).
+    udp = [line for line in sandbox if "-p udp" in line]
+    assert udp[-1] == sandbox[accept[0]]
+    marks = udp[:-1]
+    assert len(marks) == 2
+    for line, (uids, first) in zip(marks, (("10001", 10001), ("10010-10019", 10010)), strict=True):
+        assert f"--uid-owner {uids} " in line and "app=" not in line
+        assert line.endswith(f"-j MARK --set-xmark {hex(first)}/0xffffffff")
 
 
 def test_v4_dns_listener_adds_nothing_to_ipv6() -> None:
