@@ -24,7 +24,7 @@ from typing import Any, Final
 
 from aiohttp import web
 
-from egress import oplog
+from egress import oplog, sdnotify
 from egress.admin.app import build_admin_app
 from egress.checking import CheckResult, check
 from egress.config import Config, ListenAddress, load_config
@@ -35,7 +35,7 @@ from egress.dnslistener import DnsListener, SandboxDns, open_dns_listener
 from egress.dnsnames import AnsweredNames
 from egress.errors import ConfigError, EgressError
 from egress.gcpolicy import freeze_long_lived, full_collections_deferred
-from egress.limits import build_connection_limits
+from egress.limits import KeyedRate, build_connection_limits
 from egress.metrics import ProxyMetrics
 from egress.net.connection import ClientConnection, HttpConnection, ListenerKind, Socks5Connection
 from egress.net.dialer import dial
@@ -46,7 +46,6 @@ from egress.resolver import Resolver, make_resolver
 from egress.rulesource import FileRuleSource, SnapshotHolder, StoreRuleSource
 from egress.server import ListenerError, Listeners
 from egress.stores import open_store
-from ratelimit.gcra import Rate
 from rules.apps import RuleSet
 from rules.edits import UnknownAppError
 from rules.snapshot import PolicySnapshot
@@ -271,7 +270,7 @@ class ProxyRuntime:
             metrics=self.metrics,
             connlog=self.connlog,
             answered=self.answered,
-            rate=Rate(self.config.proxy.dns_queries_per_second, self.config.proxy.dns_burst),
+            rate=KeyedRate(self.config.proxy.dns_queries_per_second, self.config.proxy.dns_burst),
         )
         self.dns_listener = await open_dns_listener(listen, handler, self._owners)
 
@@ -437,7 +436,17 @@ class ProxyRuntime:
         time: a SIGHUP, the config watcher and a caller may ask at once, and two reads
         versioned against the same rules would both claim the next version."""
         async with self._reload_lock:
-            return await self._reload()
+            # Under systemd the unit shows "reloading" until READY=1 says the reload finished
+            # (applied or rejected), whoever asked for it: a SIGHUP or an edit of the file.
+            notify = sdnotify.notifier()
+            notify.reloading("reloading the config")
+            applied = await self._reload()
+            notify.ready(
+                f"config reloaded; rules version {self.holder.current.version}"
+                if applied
+                else "reload failed; the previous config stays in force (see the log)"
+            )
+            return applied
 
     async def _reload(self) -> bool:
         self.connlog.reopen()
@@ -560,9 +569,27 @@ def _file_identity(path: Path) -> tuple[int, int, int] | None:
     return info.st_ino, info.st_mtime_ns, info.st_size
 
 
+def _serving_status(runtime: ProxyRuntime) -> str:
+    """The STATUS= line of a ready proxy: what `systemctl status` shows."""
+    listening = [f"{bound.kind.value}={bound.address}" for bound in runtime.listeners.bound]
+    if runtime.dns_listener is not None:
+        listening.append(f"dns={runtime.dns_listener.address}")
+    if runtime.admin_address is not None:
+        listening.append(f"admin={runtime.admin_address}")
+    return (
+        f"serving {' '.join(listening) or 'no listeners'};"
+        f" rules version {runtime.holder.current.version}"
+    )
+
+
 async def serve(config: Config, *, loop_name: str = "") -> None:
     """Run until SIGTERM/SIGINT; SIGHUP reloads. The handlers are in place from before the
-    start to after the drain, so a logrotate HUP in either never kills the process."""
+    start to after the drain, so a logrotate HUP in either never kills the process.
+
+    Under systemd (``Type=notify``): READY=1 once every listener and the admin endpoint
+    accept, so the app runtime ordered after the unit never finds them closed; STOPPING=1
+    when the drain begins."""
+    notify = sdnotify.notifier()  # first: takes NOTIFY_SOCKET out of the environment
     runtime = ProxyRuntime(config, loop_name=loop_name)
     loop = asyncio.get_running_loop()
     handlers = (
@@ -574,9 +601,11 @@ async def serve(config: Config, *, loop_name: str = "") -> None:
         loop.add_signal_handler(sig, handler)
     try:
         await runtime.start()
+        notify.ready(_serving_status(runtime))
         try:
             await runtime.wait()
         finally:
+            notify.stopping(f"draining {len(runtime.registry)} connections")
             await runtime.aclose()
     finally:
         for sig, _ in handlers:

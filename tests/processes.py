@@ -20,7 +20,7 @@ import sys
 import time
 import tomllib
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
@@ -87,6 +87,7 @@ class EgressProcess:
         config: Path,
         netns: NetworkNamespace | None = None,
         env: Mapping[str, str] | None = None,
+        wrapper: Sequence[str] = (),
     ) -> None:
         self.config = config
         self.started: dict[str, Any] | None = None  # the "proxy started" line, once seen
@@ -94,7 +95,8 @@ class EgressProcess:
         self.connection_log = None if log == "-" else Path(log)
         self.stderr_path = config.parent / f"{config.stem}-{args[0]}-{uuid.uuid4().hex[:6]}.stderr"
         self._stderr: IO[str] = open(self.stderr_path, "w")  # noqa: SIM115 - closed in stop()
-        command = egress_command(*args, "--config", str(config))
+        # ``wrapper``: a command that runs the rest (e.g. under a unit's sandbox, then execs it)
+        command = [*wrapper, *egress_command(*args, "--config", str(config))]
         options: dict[str, Any] = {
             "cwd": REPO,
             "env": env,

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from egress import oplog
+from egress import oplog, sdnotify
 from egress.config import (
     DEFAULT_CONFIG_PATH,
     Config,
@@ -171,7 +171,11 @@ async def _run(path: Path, config: Config, backend: Backend) -> int:
 
     With a shared rule store the apps come from it: the change feed wakes a pass at once, the
     interval is the backstop, and a store that cannot be read keeps the last plan (at start:
-    every sandbox uid confined, no app known, until the store answers)."""
+    every sandbox uid confined, no app known, until the store answers).
+
+    Under systemd (``Type=notify``) READY=1 follows the first successful pass, so the app
+    runtime ordered after the unit starts only with the rules in the kernel; a failed first
+    pass exits 1 without it and the unit fails (closed)."""
     store = open_store(config) if config.rules.store is RuleStore.REDIS else None
     try:
         return await _run_with(path, config, backend, store)
@@ -194,6 +198,7 @@ async def _store_plan(
 
 
 async def _run_with(path: Path, config: Config, backend: Backend, store: Store | None) -> int:
+    notify = sdnotify.notifier()
     metrics = FirewallMetrics()
     plan = build_plan(config)
     store_version = -1
@@ -232,6 +237,8 @@ async def _run_with(path: Path, config: Config, backend: Backend, store: Store |
     loop.add_signal_handler(signal.SIGINT, stop.set)
     fingerprint = _fingerprint(path)
     next_pass = time.monotonic() + config.firewall.interval
+    # After the signal handlers: a reload the manager sends once we are ready must not kill us.
+    notify.ready(f"firewall synced ({backend.name}); {_plan_status(config)}")
     try:
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
@@ -246,7 +253,10 @@ async def _run_with(path: Path, config: Config, backend: Backend, store: Store |
             due = wake.is_set() or current != fingerprint or interval_due or hinted
             if not due:
                 continue
-            if wake.is_set() or current != fingerprint:
+            reloading = wake.is_set() or current != fingerprint
+            rejected = False
+            if reloading:
+                notify.reloading("re-reading the config")
                 wake.clear()
                 fingerprint = current
                 try:
@@ -254,6 +264,7 @@ async def _run_with(path: Path, config: Config, backend: Backend, store: Store |
                     plan = build_plan(config)
                     store_version = -1  # apps from the store again, on the new settings
                 except EgressError as error:  # keep the last good plan
+                    rejected = True
                     metrics.record_error("config_error")
                     _log.error("firewall config rejected", extra={"error": str(error)})
             if store is not None and (store_version < 0 or hinted or interval_due):
@@ -272,10 +283,21 @@ async def _run_with(path: Path, config: Config, backend: Backend, store: Store |
             except EgressError as error:
                 metrics.record_error("error", time.monotonic() - started)
                 _log.error("firewall sync failed", extra={"error": str(error)})
+                if reloading:
+                    notify.ready(
+                        "reload: the sync failed; the rules in the kernel stay (see the log)"
+                    )
                 continue
             metrics.record_success(result, time.time())
             if result.changed:
                 _log.warning("firewall repaired", extra={"changes": "; ".join(_describe(result))})
+            if reloading:
+                notify.ready(
+                    "reload: config rejected, the last good plan is in force (see the log)"
+                    if rejected
+                    else f"firewall synced after reload; {_plan_status(config)}"
+                )
+        notify.stopping("stopping; the rules stay in the kernel")
     finally:
         if feed is not None:
             feed.cancel()
@@ -285,6 +307,12 @@ async def _run_with(path: Path, config: Config, backend: Backend, store: Store |
             with contextlib.suppress(Exception):
                 server[0].shutdown()
     return 0  # rules stay installed on purpose
+
+
+def _plan_status(config: Config) -> str:
+    """What the plan confines, for the STATUS= line `systemctl status` shows."""
+    uids = ", ".join(str(uids) for uids in config.firewall.sandbox_uids)
+    return f"{len(config.ruleset.apps)} apps; sandbox uids {uids}"
 
 
 async def _first(*events: asyncio.Event) -> None:
