@@ -95,6 +95,12 @@ class Answer(StrEnum):
     DROPPED = "dropped"  # not answered at all: MAX_IN_FLIGHT queries were being answered
 
 
+_FAILURES: Final = {
+    Answer.REFUSED: (wire.Rcode.REFUSED, dns.edns.EDECode.PROHIBITED),
+    Answer.DENIED: (wire.Rcode.NXDOMAIN, dns.edns.EDECode.BLOCKED),
+}
+
+
 @dataclass(slots=True)
 class _Result:
     reply: bytes | None
@@ -265,19 +271,28 @@ class SandboxDns:
     def _refuse(
         self, query: wire.Query, result: _Result, udp: bool, outcome: Outcome, detail: str
     ) -> _Result:
-        result.reply = wire.failure(
-            query, wire.Rcode.REFUSED, udp=udp, ede=dns.edns.EDECode.PROHIBITED, text=detail
-        )
-        result.answer, result.outcome, result.detail = Answer.REFUSED, outcome, detail
-        return result
+        """REFUSED: not a query answered for this sender (EDE Prohibited says why)."""
+        return self._fail(query, result, udp, Answer.REFUSED, outcome=outcome, detail=detail)
 
     def _deny(
         self, query: wire.Query, result: _Result, udp: bool, outcome: Outcome, detail: str
     ) -> _Result:
-        result.reply = wire.failure(
-            query, wire.Rcode.NXDOMAIN, udp=udp, ede=dns.edns.EDECode.BLOCKED, text=detail
-        )
-        result.answer, result.outcome, result.detail = Answer.DENIED, outcome, detail
+        """NXDOMAIN by policy (EDE Blocked says why)."""
+        return self._fail(query, result, udp, Answer.DENIED, outcome=outcome, detail=detail)
+
+    def _fail(
+        self,
+        query: wire.Query,
+        result: _Result,
+        udp: bool,
+        answer: Answer,
+        *,
+        outcome: Outcome,
+        detail: str,
+    ) -> _Result:
+        rcode, ede = _FAILURES[answer]
+        result.reply = wire.failure(query, rcode, udp=udp, ede=ede, text=detail)
+        result.answer, result.outcome, result.detail = answer, outcome, detail
         return result
 
     def _nodata(self, query: wire.Query, result: _Result, udp: bool) -> _Result:

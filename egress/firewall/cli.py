@@ -289,8 +289,10 @@ async def _run_with(path: Path, config: Config, backend: Backend, store: Store |
                     )
                 continue
             metrics.record_success(result, time.time())
-            if result.changed:
+            if result.drift_repairs:
                 _log.warning("firewall repaired", extra={"changes": "; ".join(_describe(result))})
+            elif result.changed:  # a config change applied: not drift
+                _log.info("firewall synced", extra={"changes": "; ".join(_describe(result))})
             if reloading:
                 notify.ready(
                     "reload: config rejected, the last good plan is in force (see the log)"

@@ -415,7 +415,9 @@ def test_firewall_units_hold_only_what_iptables_needs_and_never_flush(name: str)
         "ProtectKernelModules": "yes",
         "SystemCallFilter": "@system-service",
         "MemoryDenyWriteExecute": "yes",
-        "ReadWritePaths": "/run/xtables.lock",  # the legacy tools' lock, shared with the host
+        # The legacy tools' lock, shared with the host; "-": a fresh nf_tables boot has no such
+        # file, and a missing ReadWritePaths= entry without it fails the unit (226/NAMESPACE).
+        "ReadWritePaths": "-/run/xtables.lock",
     }.items():
         assert setting(name, service, key) == value, key
     assert set(words(name, service, "RestrictAddressFamilies")) == {
