@@ -308,9 +308,9 @@ class _SockDiag:
             raise TimeoutError(errno.ETIMEDOUT, "sock_diag send timed out") from exc
         return seq, request[_NLMSGHDR.size + 8 : _NLMSGHDR.size + 8 + 36]
 
-    def _datagrams(self) -> Iterator[memoryview]:
-        """The kernel's datagrams, until the caller stops; ``TimeoutError`` after the
-        timeout without one."""
+    def _receive(self) -> memoryview:
+        """The kernel's next datagram; ``TimeoutError`` after the timeout without one. (A
+        plain call, not a generator: a TCP lookup runs per connection, on the event loop.)"""
         sock = self._sock
         assert sock is not None
         buf = self._buf
@@ -320,7 +320,7 @@ class _SockDiag:
             except BlockingIOError as exc:  # SO_RCVTIMEO expired (EAGAIN)
                 raise TimeoutError(errno.ETIMEDOUT, "sock_diag reply timed out") from exc
             if sender == 0:  # from the kernel
-                yield memoryview(buf)[:n]
+                return memoryview(buf)[:n]
 
 
 class TcpOwnerLookup(_SockDiag):
@@ -355,7 +355,9 @@ class TcpOwnerLookup(_SockDiag):
 
     def _query(self, q: _Query) -> SocketOwner | None:
         seq, want = self._send(q, protocol=socket.IPPROTO_TCP, flags=_NLM_F_REQUEST)
-        for data in self._datagrams():
+        while True:
+            data = self._receive()
+            # The answer is one message (an exact-id request): the first one for seq decides.
             for mtype, body, _length in _messages(data, seq):
                 if mtype == _NLMSG_DONE:
                     return None
@@ -367,7 +369,6 @@ class TcpOwnerLookup(_SockDiag):
                 if sockid != want:
                     return None  # the kernel fell back to a listener: not the client socket
                 return _owner(state, uid, inode)
-        raise AssertionError("unreachable")  # _datagrams() ends only by raising
 
 
 def _unmap_sockid(sockid: bytes) -> bytes:
@@ -594,7 +595,8 @@ class UdpOwnerLookup(_SockDiag):
         )
         uids: list[tuple[int, bool]] = []
         wildcard = b"\x00" * 16
-        for data in self._datagrams():
+        while True:
+            data = self._receive()
             for mtype, body, length in _messages(data, seq):
                 if mtype == _NLMSG_DONE:
                     return uids
@@ -613,7 +615,6 @@ class UdpOwnerLookup(_SockDiag):
                 if len(uids) > self.MAX_SOCKETS_PER_PORT:
                     self._reset()  # the rest of the dump is not wanted
                     return uids
-        raise AssertionError("unreachable")  # _datagrams() ends only by raising
 
 
 _INET_DIAG_SKV6ONLY: Final = 11  # linux/inet_diag.h; sent for unconnected (CLOSE) sockets
