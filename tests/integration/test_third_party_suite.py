@@ -124,6 +124,7 @@ NAME_IN_CONNECT = (
     " comes back in time only when the proxy has it cached from an earlier test"
 )
 POOL_TIMEOUTS = "test/with_dummyserver/test_connectionpool.py::TestConnectionPoolTimeouts"
+PYOPENSSL = "test/contrib/test_pyopenssl.py"
 DESELECTED: dict[str, str] = {
     # The "tls" ASGI scope extension (HTTP 500, KeyError: 'tls').
     **{
@@ -190,6 +191,9 @@ DESELECTED: dict[str, str] = {
         NAME_IN_CONNECT
     ),
     f"{SOCKET_LEVEL}::TestSSL::test_ssl_load_default_certs_when_empty": ONE_MS_CONNECT,
+    # The same socket-level tests, run again by the pyOpenSSL module under its own class names.
+    f"{PYOPENSSL}::TestSocketClosing::test_connection_read_timeout": ONE_MS_CONNECT,
+    f"{PYOPENSSL}::TestSocketSSL::test_ssl_load_default_certs_when_empty": ONE_MS_CONNECT,
     # All five: the three that fail leave trio's loop blocked for the tests after them.
     **{
         f"{PROXIES}::TestHTTPProxyManager::{test}": TRIO_BLOCKED
