@@ -254,7 +254,12 @@ class SandboxDns:
             elif refused is None:
                 refused = decision.detail or "not allowed"
         if offered and not given:
-            return self._deny(query, result, udp, Outcome.SPECIAL_ADDRESS, refused or "")
+            # The log keeps the address; the app is not told where an internal name points.
+            told = (
+                f'egress: app "{app.name}" may not be given the addresses of {host}'
+                " (special-purpose ranges)"
+            )
+            return self._deny(query, result, udp, Outcome.SPECIAL_ADDRESS, refused or "", told=told)
         if not given:
             return self._nodata(query, result, udp)
         self.answered.remember(app.name, host, given, resolution.ttl)
@@ -275,10 +280,19 @@ class SandboxDns:
         return self._fail(query, result, udp, Answer.REFUSED, outcome=outcome, detail=detail)
 
     def _deny(
-        self, query: wire.Query, result: _Result, udp: bool, outcome: Outcome, detail: str
+        self,
+        query: wire.Query,
+        result: _Result,
+        udp: bool,
+        outcome: Outcome,
+        detail: str,
+        *,
+        told: str | None = None,
     ) -> _Result:
-        """NXDOMAIN by policy (EDE Blocked says why)."""
-        return self._fail(query, result, udp, Answer.DENIED, outcome=outcome, detail=detail)
+        """NXDOMAIN by policy (EDE Blocked says why: ``told``, else the logged ``detail``)."""
+        return self._fail(
+            query, result, udp, Answer.DENIED, outcome=outcome, detail=detail, told=told
+        )
 
     def _fail(
         self,
@@ -289,9 +303,11 @@ class SandboxDns:
         *,
         outcome: Outcome,
         detail: str,
+        told: str | None = None,
     ) -> _Result:
         rcode, ede = _FAILURES[answer]
-        result.reply = wire.failure(query, rcode, udp=udp, ede=ede, text=detail)
+        text = detail if told is None else told
+        result.reply = wire.failure(query, rcode, udp=udp, ede=ede, text=text)
         result.answer, result.outcome, result.detail = answer, outcome, detail
         return result
 

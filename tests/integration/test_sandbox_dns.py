@@ -205,7 +205,11 @@ def test_dig_gets_answers_only_for_names_its_app_may_reach(loop_kind: str, tmp_p
         assert answers(wildcard.stdout) == [PUBLIC_V4]
         # A wildcard rule never reaches a special-purpose address, even an opened one.
         assert status(private.stdout) == "NXDOMAIN"
-        assert "opened special-purpose range" in private.stdout
+        assert "may not be given the addresses of b.cdn.example.test" in private.stdout
+        assert INTERNET_V4 not in private.stdout  # where an internal name points stays inside
+        logged = {r["dest"]: r for r in found}["b.cdn.example.test"]
+        assert logged["reason"] == "special_address"
+        assert "opened special-purpose range" in logged["error"]
         # A name no rule names: NXDOMAIN, the reason as an Extended DNS Error, and no lookup.
         assert status(denied.stdout) == "NXDOMAIN"
         assert "EDE: 15 (Blocked)" in denied.stdout
@@ -255,11 +259,14 @@ def test_special_addresses_other_types_and_families(loop_kind: str, tmp_path: Pa
                 no_aaaa = await asyncio.to_thread(dig, APP_UID, "web.example.test", "AAAA")
                 txt = await asyncio.to_thread(dig, APP_UID, "web.example.test", "TXT")
                 denied_txt = await asyncio.to_thread(dig, APP_UID, "evil.example.test", "TXT")
-                await eventually_records(proxy, 5)
+                found = await eventually_records(proxy, 5)
 
         # A rule names it, but it resolves to the metadata service: no address is handed out.
         assert status(metadata.stdout) == "NXDOMAIN"
-        assert "169.254.169.254" in metadata.stdout and "link-local" in metadata.stdout
+        assert "may not be given the addresses of metadata.example.test" in metadata.stdout
+        assert "169.254.169.254" not in metadata.stdout  # the app is not told; the log says
+        logged = {r["dest"]: r for r in found}["metadata.example.test"]
+        assert "169.254.169.254" in logged["error"] and "link-local" in logged["error"]
         assert answers(v6.stdout) == [INTERNET_V6]
         assert status(no_aaaa.stdout) == "NOERROR" and answers(no_aaaa.stdout) == []
         # Only A/AAAA are ever looked up: other types get an empty answer, and no TXT query
