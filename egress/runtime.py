@@ -142,6 +142,7 @@ class ProxyRuntime:
             self.store_source = StoreRuleSource(
                 self.store, self.metrics, check_interval=config.rules.check_interval
             )
+        self.answered = AnsweredNames()  # what the DNS listener told each app
         with full_collections_deferred():  # start() collects once, then freezes
             self.holder = self._new_holder(self.source.latest)
         self.registry = ConnectionRegistry(
@@ -153,7 +154,6 @@ class ProxyRuntime:
             config.ratelimit, config.redis.url, self.metrics, self.registry
         )
         self.admin_address: str | None = None
-        self.answered = AnsweredNames()  # what the DNS listener told each app
         self.dns_listener: DnsListener | None = None
         self._owners: ConnectionOwners | None = None
         self._context: ConnectionContext | None = None
@@ -181,7 +181,9 @@ class ProxyRuntime:
         return holder
 
     def _rules_installed(self, snapshot: PolicySnapshot, revoke: bool) -> None:
-        """After a swap: with ``revoke``, close what the new rules no longer allow."""
+        """After a swap: the DNS listener's answers of apps that are gone are let go; with
+        ``revoke``, close what the new rules no longer allow."""
+        self.answered.forget(app.name for app in snapshot.ruleset.apps)
         if not revoke:
             return
         closed = sum(

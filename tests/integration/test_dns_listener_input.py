@@ -15,6 +15,7 @@ import select
 import socket
 import time
 from collections.abc import Iterator
+from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from dnslib import EDNS0, QTYPE, RCODE, DNSHeader, DNSQuestion, DNSRecord
 
 from egress import dnslistener
 from egress.proto.dns import MAX_QUERY_BYTES
-from tests.configs import base_config
+from tests.configs import base_config, write_config
 from tests.dnsstub import DnsStub
 from tests.polling import eventually
 from tests.support import (
@@ -620,5 +621,36 @@ def test_tcp_connections_over_the_cap_are_refused(
                 finally:
                     for _, w in held:
                         w.close()
+
+    run(loop_kind, main())
+
+
+def test_a_reload_removing_an_app_lets_go_of_its_answers(loop_kind: str, tmp_path: Path) -> None:
+    """What the listener told an app is kept for that app's transparent connections; once a
+    reload removes the app, its entries go with it (the app that remains keeps its own)."""
+
+    async def main() -> None:
+        with DnsStub(stub_records()) as stub:
+            data = config(stub)
+            async with running_proxy(data, tmp_path) as proxy:
+                address = listener(proxy)
+                for uid, name in (
+                    (APP_UID, "web.example.test"),
+                    (OTHER_APP_UID, "shop.example.test"),
+                ):
+                    with udp_socket(uid) as sock:
+                        reply = await ask_udp(sock, query(name), address)
+                    assert reply.header.rcode == RCODE.NOERROR
+                answered = proxy.runtime.answered
+                assert answered.names_for("shop", IPv4Address(SHOP_V4)) == ("shop.example.test",)
+                data["app"] = [app for app in data["app"] if app["name"] != "shop"]
+                write_config(tmp_path / "test.toml", data)
+                assert await proxy.runtime.reload()
+                await eventually(
+                    lambda: answered.names_for("shop", IPv4Address(SHOP_V4)) == () or None,
+                    "shop's answers let go",
+                )
+                assert answered.names_for("blog", IPv4Address(WEB_V4)) == ("web.example.test",)
+                assert answered.count == 1
 
     run(loop_kind, main())
