@@ -174,6 +174,9 @@ class _HotPath(Collector):
              m.dns_seconds),
             ("egress_upstream_connect_seconds", "Time to establish the upstream TCP connection.",
              m.connect_seconds),
+            ("egress_dns_listener_query_seconds",
+             "Time from a sandbox DNS query to its answer (lookups included).",
+             m.dns_listener_seconds),
         ):  # fmt: skip
             family = HistogramMetricFamily(name, text)
             buckets, total = histogram.samples()
@@ -197,13 +200,6 @@ class _HotPath(Collector):
         for pair, count in m.dns_listener_queries.items():
             queries.add_metric(pair, count)
         yield queries
-        listener_seconds = HistogramMetricFamily(
-            "egress_dns_listener_query_seconds",
-            "Time from a sandbox DNS query to its answer (lookups included).",
-        )
-        buckets, total = m.dns_listener_seconds.samples()
-        listener_seconds.add_metric([], buckets, total)
-        yield listener_seconds
         yield from _ratelimit_families(m)
 
 
