@@ -12,6 +12,7 @@ import json
 import os
 import socket
 import struct
+import subprocess
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from pathlib import Path
@@ -130,6 +131,26 @@ def acting_as(uid: int) -> Iterator[None]:
     finally:
         os.seteuid(0)
         os.setegid(0)
+
+
+def run_as_uid(
+    uid: int, argv: list[str], *, timeout: float = 20.0
+) -> subprocess.CompletedProcess[str]:
+    """A real program (``dig``, ``curl``) as ``uid`` with no supplementary groups and a bare
+    PATH, output captured, exit not checked. Blocking: from a test's event loop, call it through
+    ``asyncio.to_thread`` so an in-process proxy keeps serving."""
+    require("root", f"running a program as uid {uid}")
+    return subprocess.run(
+        argv,
+        user=uid,
+        group=uid,
+        extra_groups=[],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={"PATH": "/usr/bin:/bin"},
+        check=False,
+    )
 
 
 def socket_as_uid(

@@ -44,7 +44,7 @@ from tests.processes import (
     wait_ready,
 )
 from tests.redisserver import RedisServer
-from tests.support import APP_UID, OTHER_APP_UID, STRANGER_UID, socket_as_uid
+from tests.support import APP_UID, OTHER_APP_UID, STRANGER_UID, run_as_uid, socket_as_uid
 
 PROMETHEUS = REPO / "deploy" / "prometheus"
 RULES = PROMETHEUS / "egress.rules.yml"
@@ -553,11 +553,8 @@ def exercise_proxy(node: Node, echo_port: int) -> None:
     # The sandbox DNS listener: the real dig as the app's uid, an answer and a denial.
     host, port = node.address("dns")
     for name, status in ((ECHO_NAME, "NOERROR"), ("elsewhere.monitoring.test", "NXDOMAIN")):
-        asked = subprocess.run(
-            ["dig", f"@{host}", "-p", str(port), "+tries=1", "+time=3", name, "A"],
-            user=APP_UID, group=APP_UID, extra_groups=[], capture_output=True, text=True,
-            timeout=20, env={"PATH": "/usr/bin:/bin"}, check=False,
-        )  # fmt: skip
+        dig = ["dig", f"@{host}", "-p", str(port), "+tries=1", "+time=3", name, "A"]
+        asked = run_as_uid(APP_UID, dig)
         assert f"status: {status}" in asked.stdout, asked.stdout + asked.stderr
 
     def counted() -> bool:

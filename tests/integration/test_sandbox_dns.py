@@ -25,7 +25,7 @@ from tests.dnsstub import DnsStub
 from tests.httpupstream import HttpUpstream
 from tests.netns import network_namespace
 from tests.processes import run_egress
-from tests.support import APP_UID, OTHER_APP_UID, ProxyHandle, run, running_proxy
+from tests.support import APP_UID, OTHER_APP_UID, ProxyHandle, run, run_as_uid, running_proxy
 
 pytestmark = pytest.mark.netns
 
@@ -112,17 +112,7 @@ def firewall_sync(config: dict[str, Any], tmp_path: Path) -> None:
 
 def dig(uid: int, *args: str) -> subprocess.CompletedProcess[str]:
     """The real ``dig`` as ``uid`` (blocking: call it through ``asyncio.to_thread``)."""
-    return subprocess.run(
-        ["dig", f"@{ABSENT_NAMESERVER}", "+tries=1", "+time=3", *args],
-        user=uid,
-        group=uid,
-        extra_groups=[],
-        capture_output=True,
-        text=True,
-        timeout=20,
-        env={"PATH": "/usr/bin:/bin"},
-        check=False,
-    )
+    return run_as_uid(uid, ["dig", f"@{ABSENT_NAMESERVER}", "+tries=1", "+time=3", *args])
 
 
 def status(output: str) -> str:

@@ -31,6 +31,7 @@ from tests.support import (
     EchoUpstream,
     open_as_uid,
     run,
+    run_as_uid,
     running_proxy,
     socks5_connect,
 )
@@ -342,26 +343,8 @@ def test_socks5_and_socks4_share_the_listener(loop_kind: str, tmp_path: Path) ->
 def curl(uid: int, flag: str, proxy: tuple[str, int], url: str) -> subprocess.CompletedProcess[str]:
     """The real curl as ``uid``, through the proxy's SOCKS listener (blocking: run it in a
     thread so the in-process proxy keeps serving)."""
-    return subprocess.run(
-        [
-            "curl",
-            "--silent",
-            "--show-error",
-            "--max-time",
-            "10",
-            flag,
-            f"{proxy[0]}:{proxy[1]}",
-            url,
-        ],
-        user=uid,
-        group=uid,
-        extra_groups=[],
-        capture_output=True,
-        text=True,
-        timeout=20,
-        env={"PATH": "/usr/bin:/bin"},
-        check=False,
-    )
+    argv = ["curl", "--silent", "--show-error", "--max-time", "10", flag, f"{proxy[0]}:{proxy[1]}"]
+    return run_as_uid(uid, [*argv, url])
 
 
 @contextlib.contextmanager
